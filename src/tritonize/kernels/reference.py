@@ -1,0 +1,136 @@
+"""Plain-PyTorch definitions of every tritonize kernel.
+
+These are the specifications: the Triton kernels must compute the same functions. They run in the
+input dtype promoted to at least fp32 (fp64 inputs stay fp64, which is how tests build their gold
+values) and return the input dtype. Nothing here may import triton, torch.fx or transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh")
+RMS_NORM_VARIANTS = ("llama", "t5", "gemma")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q @ k^T * scale + bias, masked) @ v; rows with every key masked give zeros.
+
+    q: [batch, heads, q_len, head_dim]; k, v: [batch, kv_heads, kv_len, head_dim] with kv_heads
+    dividing heads. Causal masking is aligned to the end: query i sees keys j <= i + kv_len - q_len.
+    key_padding_mask: bool [batch, kv_len], True = attend. bias: additive, broadcastable to
+    [batch, heads, q_len, kv_len].
+    """
+    dtype = _compute_dtype(q.dtype)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    q_len, kv_len = q.shape[2], k.shape[2]
+    k = k.to(dtype).repeat_interleave(heads // kv_heads, dim=1)
+    v = v.to(dtype).repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.matmul(q.to(dtype), k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(dtype)
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.tril(allowed, diagonal=kv_len - q_len)
+    allowed = allowed.expand(q.shape[0], 1, q_len, kv_len)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :].bool()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    weights = torch.where(denom > 0, weights / denom, torch.zeros_like(weights))
+    return torch.matmul(weights, v).to(q.dtype)
+
+
+def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
+    if name is None:
+        return y
+    if name == "relu":
+        return F.relu(y)
+    if name == "gelu":
+        return F.gelu(y)
+    if name == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if name == "silu":
+        return F.silu(y)
+    if name == "tanh":
+        return torch.tanh(y)
+    raise ValueError(f"activation must be one of {ACTIVATIONS} or None, got {name!r}")
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation_name: str | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """activation(x @ weight^T + bias) + residual, accumulated in at least fp32."""
+    dtype = _compute_dtype(x.dtype)
+    y = torch.matmul(x.to(dtype), weight.to(dtype).t())
+    if bias is not None:
+        y = y + bias.to(dtype)
+    y = activation(y, activation_name)
+    if residual is not None:
+        y = y + residual.to(dtype)
+    return y.to(x.dtype)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim of h = x + residual; returns (norm(h), h) in x's dtype."""
+    dtype = _compute_dtype(x.dtype)
+    h = x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
+    mean = h.mean(dim=-1, keepdim=True)
+    var = (h - mean).pow(2).mean(dim=-1, keepdim=True)
+    y = (h - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x.dtype), h.to(x.dtype)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    variant: str = "llama",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim of h = x + residual; returns (norm(h), h) in x's dtype.
+
+    variant "llama" and "t5": the normalized value is rounded to x's dtype, then multiplied by
+    weight (HF's LlamaRMSNorm and T5LayerNorm); "gemma": multiplied by (1 + weight) in fp32, then
+    rounded (HF's GemmaRMSNorm). The mean of squares is always taken in fp32 or wider.
+    """
+    if variant not in RMS_NORM_VARIANTS:
+        raise ValueError(f"variant must be one of {RMS_NORM_VARIANTS}, got {variant!r}")
+    dtype = _compute_dtype(x.dtype)
+    h = x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
+    normed = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if variant == "gemma":
+        y = normed * (1.0 + weight.to(dtype))
+    else:
+        y = normed.to(x.dtype).to(dtype) * weight.to(dtype)
+    return y.to(x.dtype), h.to(x.dtype)

@@ -1,0 +1,335 @@
+"""Public tritonize operators: validated, graph-safe entry points to the Triton kernels.
+
+Every kernel is registered as a `torch.library.custom_op` with a fake implementation, so graphs
+that call it stay valid for Dynamo, fake tensors and CUDA-graph capture. On CUDA tensors (and on CPU
+tensors when TRITON_INTERPRET=1 was set before import) the Triton kernel runs; elsewhere the
+plain-PyTorch reference does. Bad input raises TypeError or ValueError here, before any launch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from tritonize.kernels import reference
+from tritonize.kernels.common import INTERPRETED
+from tritonize.kernels.attention import flash_attention_fwd
+from tritonize.kernels.linear import linear_fwd
+from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
+
+__all__ = ["attention", "linear", "layer_norm", "rms_norm", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MAX_NORM_HIDDEN = 16384
+
+
+def _runs_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or (t.device.type == "cpu" and INTERPRETED)
+
+
+# -- validation helpers: each error names the argument --------------------------------------------
+
+
+def _check_tensor(name: str, t: object, *, ndim: int | Sequence[int] | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{name} is on device {t.device}; tritonize runs on CUDA (or CPU for testing)")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match the input's dtype {dtype}")
+
+
+def _check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}")
+
+
+# -- attention ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tritonize::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    if _runs_triton(q):
+        return flash_attention_fwd(q, k, v, scale, causal, key_padding_mask, bias)
+    return reference.attention(q, k, v, scale, causal, key_padding_mask, bias)
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale, causal, key_padding_mask, bias):
+    return q.new_empty(q.shape)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flash attention forward: softmax(q @ k^T * scale + bias, masked) @ v.
+
+    q: [batch, heads, q_len, head_dim]; k, v: [batch, kv_heads, kv_len, head_dim], any strides,
+    kv_heads dividing heads (GQA/MQA). head_dim 16..256. scale defaults to 1/sqrt(head_dim).
+    causal: query i sees keys j <= i + kv_len - q_len (aligned to the end).
+    key_padding_mask: bool [batch, kv_len], True = attend. bias: additive, broadcastable to
+    [batch, heads, q_len, kv_len] (T5 position bias, ALiBi). A query row whose keys are all masked
+    gives zeros. Returns a contiguous [batch, heads, q_len, head_dim] tensor in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=4)
+        _check_float(name, t, q.dtype)
+    _check_same_device(q.device, k=k, v=v, key_padding_mask=key_padding_mask, bias=bias)
+    batch, heads, q_len, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not fit q shape {tuple(q.shape)}: batch and head_dim must match"
+        )
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+    if key_padding_mask is not None:
+        _check_tensor("key_padding_mask", key_padding_mask, ndim=2)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = attend), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (batch, kv_len):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, kv_len) = {(batch, kv_len)}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=range(5))
+        _check_float("bias", bias)
+        target = (batch, heads, q_len, kv_len)
+        try:
+            if torch.broadcast_shapes(bias.shape, target) != torch.Size(target):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(
+                f"bias of shape {tuple(bias.shape)} does not broadcast to (batch, heads, q_len, kv_len) = {target}"
+            ) from None
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return _attention_op(q, k, v, float(scale), bool(causal), key_padding_mask, bias)
+
+
+# -- linear ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tritonize::linear", mutates_args=())
+def _linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    act = None if activation == "none" else activation
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    x2d = x.reshape(-1, x.shape[-1])
+    res2d = None if residual is None else residual.reshape(-1, weight.shape[0])
+    if _runs_triton(x):
+        out = linear_fwd(x2d, weight, bias, act, res2d)
+    else:
+        out = reference.linear(x2d, weight, bias, act, res2d)
+    return out.reshape(out_shape)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, activation, residual):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """activation(x @ weight^T + bias) + residual in one kernel, fp32 accumulation.
+
+    x: [..., in_features]; weight: [out_features, in_features] (nn.Linear layout); bias:
+    [out_features]; residual: [..., out_features]; activation: None, "relu", "gelu" (erf),
+    "gelu_tanh", "silu" or "tanh".
+    """
+    _check_tensor("x", x, ndim=range(1, 9))
+    _check_float("x", x)
+    _check_tensor("weight", weight, ndim=2)
+    _check_float("weight", weight, x.dtype)
+    _check_same_device(x.device, weight=weight, bias=bias, residual=residual)
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features but weight expects {in_features} (weight {tuple(weight.shape)})")
+    if in_features == 0 or out_features == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=1)
+        _check_float("bias", bias, x.dtype)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if residual is not None:
+        _check_tensor("residual", residual)
+        _check_float("residual", residual, x.dtype)
+        expected = (*x.shape[:-1], out_features)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual must have the output's shape {expected}, got {tuple(residual.shape)}")
+    if activation is not None and activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {reference.ACTIVATIONS} or None, got {activation!r}")
+    return _linear_op(x, weight, bias, activation or "none", residual)
+
+
+# -- norms ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tritonize::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    fn = layer_norm_fwd if _runs_triton(x) else reference.layer_norm
+    return fn(x2d, weight, bias, eps)[0].reshape(x.shape)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("tritonize::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x2d, res2d = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+    fn = layer_norm_fwd if _runs_triton(x) else reference.layer_norm
+    y, h = fn(x2d, weight, bias, eps, res2d)
+    return y.reshape(x.shape), h.reshape(x.shape)
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("tritonize::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    fn = rms_norm_fwd if _runs_triton(x) else reference.rms_norm
+    return fn(x2d, weight, eps, None, variant)[0].reshape(x.shape)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, variant):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("tritonize::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, variant: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x2d, res2d = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+    fn = rms_norm_fwd if _runs_triton(x) else reference.rms_norm
+    y, h = fn(x2d, weight, eps, res2d, variant)
+    return y.reshape(x.shape), h.reshape(x.shape)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, variant):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _check_norm_args(x, residual, eps, **params: torch.Tensor | None) -> None:
+    _check_tensor("x", x, ndim=range(1, 9))
+    _check_float("x", x)
+    hidden = x.shape[-1]
+    if not 1 <= hidden <= MAX_NORM_HIDDEN:
+        raise ValueError(f"the normalized (last) dim of x must be in [1, {MAX_NORM_HIDDEN}], got {hidden}")
+    _check_same_device(x.device, residual=residual, **params)
+    for name, p in params.items():
+        if p is None:
+            continue
+        _check_tensor(name, p, ndim=1)
+        _check_float(name, p)
+        if p.shape[0] != hidden:
+            raise ValueError(f"{name} must have shape ({hidden},) to match x's last dim, got {tuple(p.shape)}")
+    if residual is not None:
+        _check_tensor("residual", residual)
+        _check_float("residual", residual, x.dtype)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    *,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim, fp32 statistics.
+
+    Without residual returns norm(x). With residual returns (norm(h), h) where h = x + residual,
+    both from one pass over memory (the pre-norm residual stream and the normalized value).
+    """
+    _check_norm_args(x, residual, eps, weight=weight, bias=bias)
+    if residual is None:
+        return _layer_norm_op(x, weight, bias, float(eps))
+    return _add_layer_norm_op(x, residual, weight, bias, float(eps))
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    residual: torch.Tensor | None = None,
+    variant: str = "llama",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, fp32 mean of squares (no mean subtraction).
+
+    variant names the model family's numerics: "llama" (normalize in fp32, round to x's dtype,
+    multiply by weight), "t5" (the same arithmetic as HF's T5LayerNorm), "gemma" (multiply by
+    1 + weight in fp32, then round). With residual returns (norm(h), h) where h = x + residual.
+    """
+    if weight is None:
+        raise TypeError("weight must be a torch.Tensor, got None")
+    if variant not in reference.RMS_NORM_VARIANTS:
+        raise ValueError(f"variant must be one of {reference.RMS_NORM_VARIANTS}, got {variant!r}")
+    _check_norm_args(x, residual, eps, weight=weight)
+    if residual is None:
+        return _rms_norm_op(x, weight, float(eps), variant)
+    return _add_rms_norm_op(x, residual, weight, float(eps), variant)
