@@ -137,7 +137,7 @@ def test_zero_length_keys_give_zeros(device):
         (lambda a: {**a, "k": a["k"].half()}, TypeError, "k has dtype"),
         (lambda a: {**a, "q": a["q"][0]}, ValueError, "q must have 4 dims"),
         (lambda a: {**a, "k": a["k"][:, :, :, :8], "v": a["v"][:, :, :, :8]}, ValueError, "head_dim must match"),
-        (lambda a: {**a, "k": torch.randn(2, 3, 8, 16), "v": torch.randn(2, 3, 8, 16)}, ValueError, "must divide heads"),
+        (lambda a: {**a, "q": torch.randn(2, 3, 6, 16)}, ValueError, "must divide heads"),
         (lambda a: {**a, "v": a["v"][:, :, :5]}, ValueError, "same shape"),
         (lambda a: {**a, "key_padding_mask": torch.ones(2, 9)}, TypeError, "key_padding_mask must be a bool"),
         (lambda a: {**a, "key_padding_mask": torch.ones(2, 9, dtype=torch.bool)}, ValueError, "key_padding_mask"),

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from tritonize.kernels import reference
-from tritonize.kernels.common import INTERPRETED
 from tritonize.kernels.attention import flash_attention_fwd
+from tritonize.kernels.common import INTERPRETED
 from tritonize.kernels.linear import linear_fwd
 from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
 
@@ -191,7 +191,7 @@ def linear(
     _check_same_device(x.device, weight=weight, bias=bias, residual=residual)
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features but weight expects {in_features} (weight {tuple(weight.shape)})")
+        raise ValueError(f"x has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {in_features}")
     if in_features == 0 or out_features == 0:
         raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
     if bias is not None:

@@ -160,7 +160,8 @@ def _attention_fwd_kernel(
     # -- normalize; rows that saw no key keep acc == 0 and give zeros --
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_base = Out_ptr + off_b * out_batch_stride + off_h * out_head_stride
-    tl.store(out_base + offs_m[:, None] * out_seq_stride + offs_d[None, :], out.to(Out_ptr.dtype.element_ty), mask=q_mask)
+    out_ptrs = out_base + offs_m[:, None] * out_seq_stride + offs_d[None, :]
+    tl.store(out_ptrs, out.to(Out_ptr.dtype.element_ty), mask=q_mask)
 
 
 def default_config(head_dim: int, q_len: int, dtype: torch.dtype) -> AttentionConfig:
