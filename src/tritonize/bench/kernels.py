@@ -1,0 +1,302 @@
+"""Kernel micro-benchmarks: tritonize's kernels against PyTorch's (cuBLAS, cuDNN/flash SDPA) on one GPU.
+
+Every engine runs in the same process on the same card; times are medians of
+`triton.testing.do_bench`. Results carry the distance to the hardware (TFLOP/s against the measured
+matmul rate, GB/s against the measured copy bandwidth) and the error against an fp32 reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from tritonize import ops
+from tritonize.bench.report import Row
+from tritonize.kernels import reference
+from tritonize.kernels.attention import AttentionConfig, flash_attention_fwd
+from tritonize.kernels.linear import linear_configs, linear_fwd
+
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Device-to-device copy bandwidth (bytes read + written) and a large fp16 cuBLAS matmul rate."""
+    src = torch.randn(2**29, device="cuda", dtype=torch.float16)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    mm_ms = median_ms(lambda: a @ b)
+    return {
+        "copy_gb_per_s": 2 * 2**30 / copy_ms / 1e6,
+        "matmul_fp16_tflop_per_s": 2 * 8192**3 / mm_ms / 1e9,
+    }
+
+
+# -- attention ------------------------------------------------------------------------------------
+
+
+def _sdpa_context(backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return sdpa_kernel([names[backend]])
+
+
+def attention_cases(quick: bool) -> Iterator[tuple[int, int, int, int, str]]:
+    """(head_dim, heads, batch, tokens, mode) with batch x tokens = 16384, as in ANCHORS.md."""
+    token_counts = (512, 4096) if quick else (128, 512, 1024, 2048, 4096, 8192, 16384)
+    for head_dim, heads in ((64, 32), (128, 16)):
+        for tokens in token_counts:
+            for mode in ("non-causal", "causal", "padding"):
+                yield head_dim, heads, max(1, 16384 // tokens), tokens, mode
+
+
+def bench_attention(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
+    rows = []
+    dtype = torch.float16
+    for head_dim, heads, batch, tokens, mode in attention_cases(quick):
+        q, k, v = (torch.randn(batch, heads, tokens, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+        causal = mode == "causal"
+        key_padding_mask = sdpa_mask = None
+        if mode == "padding":  # each sequence's length drawn in [tokens/2, tokens]
+            lengths = torch.randint(tokens // 2, tokens + 1, (batch,), device="cuda")
+            key_padding_mask = torch.arange(tokens, device="cuda")[None, :] < lengths[:, None]
+            sdpa_mask = key_padding_mask[:, None, None, :]
+        flops = 4 * batch * heads * tokens**2 * head_dim * (0.5 if causal else 1.0)
+        shape = f"d{head_dim} {tokens}tok b{batch}xh{heads} {mode}"
+
+        def record(engine, fn, error=None, shape=shape, flops=flops):
+            ms = median_ms(fn)
+            tflops = flops / ms / 1e9
+            rows.append(Row("attention", shape, engine, "float16", ms, tflops, "TFLOP/s",
+                            tflops / ceilings["matmul_fp16_tflop_per_s"], error))
+
+        ours = lambda: ops.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)  # noqa: B023
+        error = None
+        if batch * heads * tokens**2 <= 2**31:
+            ref = reference.attention(q.float(), k.float(), v.float(), head_dim**-0.5, causal, key_padding_mask)
+            error = relative_error(ours(), ref)
+        record("tritonize", ours, error=error)
+        for backend in SDPA_BACKENDS:
+            if backend == "math" and batch * heads * tokens**2 > 2**30:
+                continue  # the math backend materializes the score matrix
+            if backend == "flash" and sdpa_mask is not None:
+                continue  # flash takes no mask
+            fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal)  # noqa: B023
+            try:
+                with _sdpa_context(backend):
+                    fn()
+                    record(f"sdpa-{backend}", lambda: _run_in(backend, fn))  # noqa: B023
+            except RuntimeError:
+                continue
+    return rows
+
+
+def _run_in(backend: str, fn: Callable[[], object]) -> object:
+    with _sdpa_context(backend):
+        return fn()
+
+
+def sweep_attention(ceilings: dict[str, float]) -> list[Row]:
+    """Tries block configurations at 4096 tokens; used to set `default_config`'s table."""
+    configs = [
+        AttentionConfig(bm, bn, w, s)
+        for bm, bn, w, s in [
+            (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4),
+            (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (128, 128, 4, 3), (64, 64, 4, 4),
+        ]
+    ]
+    rows = []
+    for head_dim, heads, dtype in ((64, 32, torch.float16), (128, 16, torch.float16), (128, 16, torch.bfloat16),
+                                   (256, 8, torch.float16), (80, 16, torch.float16)):
+        q, k, v = (torch.randn(4, heads, 4096, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+        for causal in (False, True):
+            flops = 4 * 4 * heads * 4096**2 * head_dim * (0.5 if causal else 1.0)
+            for config in configs:
+                if head_dim > 128 and config.block_m * config.block_n > 64 * 64:
+                    continue
+                fn = lambda: flash_attention_fwd(q, k, v, head_dim**-0.5, causal, config=config)  # noqa: B023
+                try:
+                    ms = median_ms(fn)
+                except Exception as exc:  # out of shared memory or registers: skip the config
+                    print(f"  config {config} failed: {type(exc).__name__}")
+                    continue
+                tflops = flops / ms / 1e9
+                rows.append(Row("attention-sweep", f"d{head_dim} {dtype} causal={causal}",
+                                f"bm{config.block_m} bn{config.block_n} w{config.num_warps} s{config.num_stages}",
+                                str(dtype).removeprefix("torch."), ms, tflops, "TFLOP/s",
+                                tflops / ceilings["matmul_fp16_tflop_per_s"], None))
+    return rows
+
+
+# -- linear ---------------------------------------------------------------------------------------
+
+TORCH_ACTIVATIONS = {None: lambda y: y, "gelu": F.gelu, "silu": F.silu}
+
+
+def linear_cases(quick: bool) -> Iterator[tuple[str, int, int, int, str | None, bool]]:
+    """(family, M, N, K, activation, residual)."""
+    bert = [(3072, 768, "gelu", False), (768, 3072, None, True), (2304, 768, None, False)]
+    llama = [(8192, 2048, "silu", False), (2048, 8192, None, True), (3072, 2048, None, False)]
+    for m in (128, 4096) if quick else (128, 1024, 4096, 16384):
+        for n, k, act, res in bert:
+            yield "bert-base", m, n, k, act, res
+    for m in (4096,) if quick else (1024, 4096):
+        for n, k, act, res in llama:
+            yield "llama-1b", m, n, k, act, res
+    for m in (1, 16) if quick else (1, 2, 4, 8, 16):
+        for n, k, act, res in llama:
+            yield "decode", m, n, k, act, res
+
+
+def bench_linear(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
+    rows = []
+    dtype = torch.float16
+    for family, m, n, k, act, res in linear_cases(quick):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
+        b = torch.randn(n, device="cuda", dtype=dtype)
+        r = torch.randn(m, n, device="cuda", dtype=dtype) if res else None
+        shape = f"{family} M{m} N{n} K{k} {act or ''}{' +res' if res else ''}".rstrip()
+        flops = 2 * m * n * k
+        weight_bytes = w.numel() * w.element_size()
+        small_m = m <= 16
+
+        def record(engine, fn, error=None, shape=shape, flops=flops, weight_bytes=weight_bytes, small_m=small_m):
+            ms = median_ms(fn)
+            if small_m:  # decode shapes: what matters is how fast the weight streams in
+                gbps = weight_bytes / ms / 1e6
+                rows.append(Row("linear", shape, engine, "float16", ms, gbps, "weight GB/s",
+                                gbps / ceilings["copy_gb_per_s"], error))
+            else:
+                tflops = flops / ms / 1e9
+                rows.append(Row("linear", shape, engine, "float16", ms, tflops, "TFLOP/s",
+                                tflops / ceilings["matmul_fp16_tflop_per_s"], error))
+
+        ours = lambda: ops.linear(x, w, b, activation=act, residual=r)  # noqa: B023
+        error = relative_error(ours(), reference.linear(x.float(), w.float(), b.float(), act,
+                                                         None if r is None else r.float()))
+        record("tritonize", ours, error)
+
+        def torch_unfused():
+            y = TORCH_ACTIVATIONS[act](F.linear(x, w, b))  # noqa: B023
+            return y + r if r is not None else y  # noqa: B023
+
+        record("cublas+separate-epilogue", torch_unfused)
+        record("cublas-linear-only", lambda: F.linear(x, w, b))  # noqa: B023
+    return rows
+
+
+def sweep_linear(ceilings: dict[str, float]) -> list[Row]:
+    rows = []
+    for m, n, k in ((4096, 3072, 768), (16384, 768, 3072), (1024, 3072, 768), (4096, 8192, 2048),
+                    (1, 8192, 2048), (1, 2048, 8192), (16, 3072, 2048), (1, 3072, 768)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        b = torch.randn(n, device="cuda", dtype=torch.float16)
+        for config in linear_configs(m):
+            fn = lambda: linear_fwd(x, w, b, "gelu", None, config=config)  # noqa: B023
+            try:
+                ms = median_ms(fn)
+            except Exception as exc:
+                print(f"  config {config} failed: {type(exc).__name__}")
+                continue
+            tflops = 2 * m * n * k / ms / 1e9
+            rows.append(Row("linear-sweep", f"M{m} N{n} K{k}", repr(config), "float16", ms, tflops, "TFLOP/s",
+                            tflops / ceilings["matmul_fp16_tflop_per_s"], None))
+        rows.append(Row("linear-sweep", f"M{m} N{n} K{k}", "cublas+gelu", "float16",
+                        median_ms(lambda: F.gelu(F.linear(x, w, b))), None, "", None, None))  # noqa: B023
+    return rows
+
+
+# -- norms ----------------------------------------------------------------------------------------
+
+
+def norm_cases(quick: bool) -> Iterator[tuple[int, int, torch.dtype]]:
+    shapes = ((4096, 4096), (32768, 768)) if quick else (
+        (4096, 768), (32768, 768), (4096, 4096), (16384, 4096), (8192, 8192), (4096, 16384))
+    for rows, cols in shapes:
+        for dtype in (torch.float16, torch.bfloat16):
+            yield rows, cols, dtype
+
+
+def bench_norms(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
+    rows = []
+    for n_rows, n_cols, dtype in norm_cases(quick):
+        x = torch.randn(n_rows, n_cols, device="cuda", dtype=dtype)
+        res = torch.randn_like(x)
+        w = torch.randn(n_cols, device="cuda", dtype=dtype)
+        b = torch.randn(n_cols, device="cuda", dtype=dtype)
+        tensor_bytes = x.numel() * x.element_size()
+        dtype_name = str(dtype).removeprefix("torch.")
+        variants = {
+            "layer_norm": (
+                2 * tensor_bytes,
+                lambda: ops.layer_norm(x, w, b, 1e-5),  # noqa: B023
+                lambda: F.layer_norm(x, (n_cols,), w, b, 1e-5),  # noqa: B023
+                lambda: reference.layer_norm(x.float(), w.float(), b.float(), 1e-5)[0],  # noqa: B023
+            ),
+            "add+layer_norm": (
+                4 * tensor_bytes,
+                lambda: ops.layer_norm(x, w, b, 1e-5, residual=res),  # noqa: B023
+                lambda: F.layer_norm(x + res, (n_cols,), w, b, 1e-5),  # noqa: B023
+                lambda: reference.layer_norm(x.float(), w.float(), b.float(), 1e-5, res.float())[0],  # noqa: B023
+            ),
+            "rms_norm": (
+                2 * tensor_bytes,
+                lambda: ops.rms_norm(x, w, 1e-6),  # noqa: B023
+                lambda: F.rms_norm(x, (n_cols,), w, 1e-6),  # noqa: B023
+                lambda: reference.rms_norm(x.float(), w.float(), 1e-6)[0],  # noqa: B023
+            ),
+            "add+rms_norm": (
+                4 * tensor_bytes,
+                lambda: ops.rms_norm(x, w, 1e-6, residual=res),  # noqa: B023
+                lambda: F.rms_norm(x + res, (n_cols,), w, 1e-6),  # noqa: B023
+                lambda: reference.rms_norm(x.float(), w.float(), 1e-6, res.float())[0],  # noqa: B023
+            ),
+        }
+        for name, (moved, ours, theirs, ref) in variants.items():
+            shape = f"{name} {n_rows}x{n_cols}"
+            out = ours()
+            error = relative_error(out[0] if isinstance(out, tuple) else out, ref())
+            for engine, fn, err in (("tritonize", ours, error), ("torch", theirs, None)):
+                ms = median_ms(fn)
+                gbps = moved / ms / 1e6
+                rows.append(Row("norm", shape, engine, dtype_name, ms, gbps, "GB/s",
+                                gbps / ceilings["copy_gb_per_s"], err))
+    return rows
+
+
+def run(parts: tuple[str, ...], quick: bool, sweep: bool, progress: Callable[[str], None] = print) -> dict:
+    ceilings = measure_ceilings()
+    progress(f"ceilings: {ceilings}")
+    benches = {"attention": bench_attention, "linear": bench_linear, "norm": bench_norms}
+    sweeps = {"attention": sweep_attention, "linear": sweep_linear}
+    rows: list[Row] = []
+    for part in parts:
+        if sweep and part in sweeps:
+            progress(f"sweeping {part} configs ...")
+            with torch.inference_mode():
+                rows += sweeps[part](ceilings)
+        progress(f"benchmarking {part} ...")
+        with torch.inference_mode():
+            rows += benches[part](ceilings, quick)
+    return {"ceilings": ceilings, "rows": rows}

@@ -1,0 +1,93 @@
+"""Benchmark results: rows, provenance (card, versions, date, command), JSON, Markdown and a plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import triton
+
+
+@dataclasses.dataclass
+class Row:
+    workload: str
+    shape: str
+    engine: str
+    dtype: str
+    median_ms: float
+    rate: float | None  # in `unit`: TFLOP/s, GB/s, tokens/s ...
+    unit: str
+    fraction_of_ceiling: float | None  # rate over the card's measured ceiling for that unit
+    max_rel_error: float | None  # ||out - ref|| / ||ref|| against an fp32 reference
+
+
+def provenance() -> dict:
+    import transformers
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {
+        "card": card,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def card_slug(card: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-").replace("--", "-")
+
+
+def speedups(rows: list[Row]) -> dict[tuple[str, str, str], tuple[float, str]]:
+    """For each (workload, shape, dtype): tritonize's speed-up over the fastest other engine."""
+    groups: dict[tuple[str, str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[(row.workload, row.shape, row.dtype)].append(row)
+    result = {}
+    for key, group in groups.items():
+        ours = [r for r in group if r.engine == "tritonize"]
+        others = [r for r in group if r.engine != "tritonize"]
+        if ours and others:
+            best = min(others, key=lambda r: r.median_ms)
+            result[key] = (best.median_ms / ours[0].median_ms, best.engine)
+    return result
+
+
+def markdown_table(rows: list[Row]) -> str:
+    ratio = speedups(rows)
+    lines = [
+        "| workload | shape | dtype | engine | median ms | rate | of ceiling | rel. error | speed-up vs best other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rate = f"{r.rate:.1f} {r.unit}" if r.rate is not None else ""
+        frac = f"{r.fraction_of_ceiling:.0%}" if r.fraction_of_ceiling is not None else ""
+        err = f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else ""
+        speed = ""
+        if r.engine == "tritonize" and (r.workload, r.shape, r.dtype) in ratio:
+            x, other = ratio[(r.workload, r.shape, r.dtype)]
+            speed = f"**{x:.2f}x** ({other})"
+        lines.append(f"| {r.workload} | {r.shape} | {r.dtype} | {r.engine} | {r.median_ms:.4f} | {rate} | {frac} "
+                     f"| {err} | {speed} |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict, out_dir: Path) -> Path:
+    """Writes <name>-<card>.json and .md under out_dir; returns the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = provenance()
+    rows = payload.pop("rows")
+    stem = f"{name}-{card_slug(meta['card'])}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps({**meta, **payload, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    header = "\n".join(f"- {k}: {v}" for k, v in {**meta, **payload}.items())
+    (out_dir / f"{stem}.md").write_text(f"# {name}\n\n{header}\n\n{markdown_table(rows)}\n")
+    return json_path

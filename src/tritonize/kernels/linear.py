@@ -1,0 +1,276 @@
+"""Fused linear layer: activation(x @ weight^T + bias) + residual with fp32 accumulation.
+
+A grouped, tiled matmul for prefill-sized inputs and a skinny split-K path for decode (M <= 16);
+both share one epilogue. Must never import torch.fx, Dynamo or transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonize.kernels.common import INTERPRETED, dot, dot_precision
+
+SKINNY_MAX_M = 16  # tl.dot needs 16 rows; up to this many tokens the weight read dominates
+INTERPRETER_SM_COUNT = 4  # a pretend GPU, so small CPU test shapes take the split-K paths too
+SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (an H100 block may opt into 227 KiB)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 4
+    split_k: int = 1
+
+
+# Tiles for M > 16, biggest first, each with a guessed tensor-core efficiency (bigger tiles reuse
+# more of what they load) used to trade tile size against wave quantization on the SMs.
+_TILES = (
+    (LinearConfig(128, 256, 64, num_warps=8, num_stages=3), 1.0),
+    (LinearConfig(128, 128, 64, num_warps=4, num_stages=4), 0.9),
+    (LinearConfig(64, 128, 64, num_warps=4, num_stages=4), 0.75),
+    (LinearConfig(64, 64, 64, num_warps=4, num_stages=4), 0.55),
+)
+# Decode: 16-row tiles over narrow weight column blocks with long K steps, split over K as needed.
+_SKINNY = LinearConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+
+
+@triton.jit
+def _activation(y, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACTIVATION == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        y = 0.5 * y * (1.0 + _tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+    elif ACTIVATION == "silu":
+        y = y * tl.sigmoid(y)
+    elif ACTIVATION == "tanh":
+        y = _tanh(y)
+    return y
+
+
+@triton.jit
+def _tanh(y):
+    t = tl.exp(-2.0 * tl.abs(y))  # in (0, 1]: no overflow for any y
+    magnitude = (1.0 - t) / (1.0 + t)
+    return tl.where(y < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _epilogue(
+    acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """Y[offs_m, offs_n] = activation(acc + bias) + residual, in fp32, stored in Y's dtype."""
+    rows = offs_m.to(tl.int64)[:, None]
+    cols = offs_n[None, :]
+    mask = (rows < M) & (cols < N)
+    if HAS_BIAS:
+        acc += tl.load(B_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    acc = _activation(acc, ACTIVATION)
+    if HAS_RESIDUAL:
+        acc += tl.load(R_ptr + rows * r_row_stride + cols * r_col_stride, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y_ptr + rows * N + cols, acc.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_kernel(
+    X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, Partial_ptr, M, N, K, k_split_size,
+    x_row_stride, x_col_stride, w_row_stride, w_col_stride, r_row_stride, r_col_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] tile of x @ weight^T over the K range [pid_k * k_split_size, +k_split_size).
+
+    X_ptr: x, [M, K] with strides (x_row_stride, x_col_stride). W_ptr: weight, [N, K] (nn.Linear
+    layout) with strides (w_row_stride, w_col_stride). B_ptr: bias [N], contiguous (unused without
+    HAS_BIAS). R_ptr: residual [M, N] with strides (r_row_stride, r_col_stride). Y_ptr: output
+    [M, N], contiguous. Partial_ptr: fp32 [SPLIT_K, M, N] contiguous workspace; with SPLIT_K > 1
+    the raw partial sums go there and _split_k_reduce_kernel applies the epilogue.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
+    """
+    # -- grouped order: GROUP_M consecutive row blocks reuse each weight column block from L2 --
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group_first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
+    group_size_m = min(num_pid_m - group_first_m, GROUP_M)
+    pid_m = group_first_m + (pid % (GROUP_M * num_pid_n)) % group_size_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # -- K loop: rows past M / columns past N wrap (their results are never stored); K is masked --
+    k_start = pid_k * k_split_size
+    k_end = tl.minimum(K, k_start + k_split_size)
+    x_ptrs = X_ptr + (offs_m % M).to(tl.int64)[:, None] * x_row_stride + (k_start + offs_k)[None, :] * x_col_stride
+    w_ptrs = W_ptr + (offs_n % N).to(tl.int64)[None, :] * w_row_stride + (k_start + offs_k)[:, None] * w_col_stride
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        k_mask = (k + offs_k) < k_end
+        x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = dot(x, w, acc, INPUT_PRECISION)
+        x_ptrs += BLOCK_K * x_col_stride
+        w_ptrs += BLOCK_K * w_col_stride
+
+    # -- epilogue, or the raw partial sum when K is split --
+    if SPLIT_K == 1:
+        _epilogue(
+            acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
+            HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+        )  # fmt: skip
+    else:
+        rows, cols = offs_m.to(tl.int64)[:, None], offs_n[None, :]
+        partial_ptrs = Partial_ptr + (pid_k * M + rows) * N + cols
+        tl.store(partial_ptrs, acc, mask=(rows < M) & (cols < N))
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    Partial_ptr, B_ptr, R_ptr, Y_ptr, M, N, r_row_stride, r_col_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Sums the SPLIT_K fp32 partials [SPLIT_K, M, N] in a fixed order, then applies the epilogue.
+
+    Pointers as in _linear_kernel. Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = offs_m.to(tl.int64)[:, None], offs_n[None, :]
+    mask = (rows < M) & (cols < N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in range(SPLIT_K):
+        acc += tl.load(Partial_ptr + (split * M + rows) * N + cols, mask=mask, other=0.0)
+    _epilogue(
+        acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
+        HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+    )  # fmt: skip
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(SM count, shared-memory bytes a program's pipelined tiles may use)."""
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT, SMEM_BUDGET
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 232448)
+    return props.multi_processor_count, min(SMEM_BUDGET, optin * 7 // 8)
+
+
+def _smem_bytes(config: LinearConfig, itemsize: int) -> int:
+    return (config.block_m + config.block_n) * config.block_k * itemsize * config.num_stages
+
+
+def _fit(config: LinearConfig, itemsize: int, smem_budget: int) -> LinearConfig:
+    """Halves block_k for fp32 (same bytes per stage as 16-bit), then drops stages down to two and
+    halves block_k down to 16 until the pipelined tiles fit the shared-memory budget."""
+    config = dataclasses.replace(config, block_k=max(16, config.block_k * 2 // max(2, itemsize)))
+    while _smem_bytes(config, itemsize) > smem_budget and config.block_k > 16:
+        if config.num_stages > 2:
+            config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+        else:
+            config = dataclasses.replace(config, block_k=config.block_k // 2)
+    return config
+
+
+def _num_tiles(config: LinearConfig, M: int, N: int) -> int:
+    return triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+
+
+def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearConfig:
+    sm_count, smem_budget = _device_limits(device)
+
+    def cost(tile_and_efficiency):  # waves of programs times the work of one program
+        tile, efficiency = tile_and_efficiency
+        return triton.cdiv(_num_tiles(tile, M, N), sm_count) * tile.block_m * tile.block_n / efficiency
+
+    if INTERPRETED:  # few, big blocks keep CPU tests fast; masks still cover the edges
+        block_k = min(128, max(16, triton.next_power_of_2(K)))
+        tile = LinearConfig(16 if M <= SKINNY_MAX_M else 64, 64, block_k, group_m=4)
+    elif M <= SKINNY_MAX_M:
+        tile = _SKINNY
+    else:
+        tile = min(_TILES, key=cost)[0]
+    config, tiles = _fit(tile, dtype.itemsize, smem_budget), _num_tiles(tile, M, N)
+    # split K while too few programs (decode: under two per SM; else: under half the SMs busy) and
+    # each split keeps at least two K steps
+    target = 2 * sm_count if M <= SKINNY_MAX_M else (sm_count if tiles < sm_count // 2 else 0)
+    split_k = 1
+    while tiles * split_k < target and triton.cdiv(K, config.block_k) >= 4 * split_k:
+        split_k *= 2
+    return dataclasses.replace(config, split_k=split_k)
+
+
+def linear_configs(M: int, dtype: torch.dtype = torch.float16) -> list[LinearConfig]:
+    """Candidate configs for M rows of dtype, for benchmark sweeps (linear_fwd(..., config=))."""
+    if M <= SKINNY_MAX_M:
+        candidates = [
+            LinearConfig(16, block_n, block_k, group_m=1, num_warps=warps, num_stages=stages, split_k=split)
+            for block_n in (32, 64, 128)
+            for block_k in (128, 256)
+            for warps, stages in ((4, 3), (4, 4), (8, 4))
+            for split in (1, 2, 4, 8, 16)
+        ]
+    else:
+        candidates = [dataclasses.replace(tile, split_k=split) for tile, _ in _TILES for split in (1, 2, 4)]
+        candidates += [
+            LinearConfig(128, 256, 64, num_warps=8, num_stages=4),
+            LinearConfig(256, 128, 64, num_warps=8, num_stages=3),
+            LinearConfig(128, 128, 32, num_warps=4, num_stages=5),
+            LinearConfig(128, 64, 64, num_warps=4, num_stages=4),
+        ]
+    return list(dict.fromkeys(_fit(config, dtype.itemsize, SMEM_BUDGET) for config in candidates))
+
+
+def linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    config: LinearConfig | None = None,
+) -> torch.Tensor:
+    """activation(x @ weight^T + bias) + residual as a contiguous [M, N] tensor in x's dtype.
+
+    x: [M, K]; weight: [N, K]; bias: [N]; residual: [M, N]; any strides (validated by tritonize.ops).
+    out: an optional contiguous [M, N] buffer to write. config: overrides the shape heuristic.
+    """
+    (M, K), N = x.shape, weight.shape[0]
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    config = config or _pick_config(M, N, K, x.dtype, x.device)
+    bias = None if bias is None else bias.contiguous()
+    res_strides = (0, 0) if residual is None else residual.stride()
+    partial = out
+    if config.split_k > 1:
+        partial = torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
+    k_split_size = triton.cdiv(triton.cdiv(K, config.split_k), config.block_k) * config.block_k
+    flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None)
+    grid = (_num_tiles(config, M, N), config.split_k)
+    _linear_kernel[grid](
+        x, weight, bias, residual, out, partial, M, N, K, k_split_size,
+        *x.stride(), *weight.stride(), *res_strides,
+        **flags, SPLIT_K=config.split_k, INPUT_PRECISION=dot_precision(x.dtype), BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if config.split_k > 1:
+        block_m, block_n = min(16, triton.next_power_of_2(M)), 256
+        _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+            partial, bias, residual, out, M, N, *res_strides, **flags, SPLIT_K=config.split_k,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )  # fmt: skip
+    return out

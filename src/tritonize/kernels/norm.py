@@ -1,0 +1,197 @@
+"""LayerNorm and RMSNorm forward kernels, optionally fused with the residual add before them.
+
+Each program normalizes whole rows held in registers: x (+ residual) is read once, y (and h = x +
+residual) written once, statistics in fp32. Must never import torch.fx, Dynamo or transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonize.kernels.common import INTERPRETED
+from tritonize.kernels.reference import RMS_NORM_VARIANTS
+
+# Short rows are grouped so that one program moves at least this many elements (e.g. 4 rows of 768).
+MIN_ELEMENTS_PER_PROGRAM = 4096
+
+# Triton 3.6's interpreter truncates fp32 -> bf16 casts; rounding to nearest even first keeps CPU tests
+# faithful to the GPU (and to torch). Compiled kernels never take this branch.
+_ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def _cast(value, dtype: tl.constexpr):
+    """value.to(dtype) with round-to-nearest-even, also under the interpreter."""
+    if _ROUND_BF16_BY_HAND:
+        if dtype == tl.bfloat16:
+            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            value = bits.to(tl.float32, bitcast=True)
+    return value.to(dtype)
+
+
+@triton.jit
+def _row_block(n_rows, n_cols, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Row indices [ROWS, 1] (int64), column indices [1, BLOCK_SIZE] and the in-bounds mask."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _store_rows(P_ptr, value, rows, cols, mask, row_stride):
+    tl.store(P_ptr + rows * row_stride + cols, _cast(value, P_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_param(P_ptr, cols, n_cols):
+    """A [n_cols] weight or bias of any float dtype as fp32 [1, BLOCK_SIZE], zero past n_cols."""
+    return tl.load(P_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_h(
+    X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride,
+    HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """h = x (+ residual) in fp32, zero outside mask; with a residual, h is also stored in x's dtype."""
+    h = tl.load(X_ptr + rows * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(R_ptr + rows * r_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        _store_rows(H_ptr, h, rows, cols, mask, h_row_stride)
+    return h
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X_ptr, R_ptr, Y_ptr, H_ptr, W_ptr, B_ptr,
+    x_row_stride, r_row_stride, y_row_stride, h_row_stride, n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    """y = (h - mean) / sqrt(var + eps) * weight + bias over each row of h = x (+ residual).
+
+    X_ptr, R_ptr: input and residual, [n_rows, n_cols], rows x_row_stride / r_row_stride apart,
+    columns contiguous. Y_ptr, H_ptr: outputs norm(h) and h, same layout with y_row_stride /
+    h_row_stride (H_ptr, R_ptr unused without HAS_RESIDUAL). W_ptr, B_ptr: [n_cols], contiguous,
+    any float dtype (unused without HAS_WEIGHT / HAS_BIAS). Program i handles rows
+    i * ROWS_PER_PROGRAM onward; BLOCK_SIZE >= n_cols.
+    """
+    rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
+    h = _load_h(X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride, HAS_RESIDUAL)
+    # -- two-pass statistics on the rows in registers (exact for inputs with a large common offset) --
+    mean = tl.sum(h, axis=1)[:, None] / n_cols
+    centered = tl.where(mask, h - mean, 0.0)
+    var = tl.sum(centered * centered, axis=1)[:, None] / n_cols
+    y = centered * tl.rsqrt(var + eps)
+    # -- affine --
+    if HAS_WEIGHT:
+        y = y * _load_param(W_ptr, cols, n_cols)
+    if HAS_BIAS:
+        y = y + _load_param(B_ptr, cols, n_cols)
+    _store_rows(Y_ptr, y, rows, cols, mask, y_row_stride)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X_ptr, R_ptr, Y_ptr, H_ptr, W_ptr,
+    x_row_stride, r_row_stride, y_row_stride, h_row_stride, n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, WEIGHT_OFFSET: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    """y = h / sqrt(mean(h^2) + eps) * (WEIGHT_OFFSET + weight) over each row of h = x (+ residual).
+
+    Pointers, strides and sizes as in _layer_norm_fwd_kernel; W_ptr is required. ROUND_BEFORE_WEIGHT
+    rounds the normalized value to the output dtype before the weight multiply (Llama, T5);
+    WEIGHT_OFFSET is 1.0 for Gemma's (1 + weight), else 0.0.
+    """
+    rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
+    h = _load_h(X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride, HAS_RESIDUAL)
+    # -- mean of squares, then scale --
+    y = h * tl.rsqrt(tl.sum(h * h, axis=1)[:, None] / n_cols + eps)
+    if ROUND_BEFORE_WEIGHT:
+        y = _cast(y, Y_ptr.dtype.element_ty).to(tl.float32)
+    y = y * (_load_param(W_ptr, cols, n_cols) + WEIGHT_OFFSET)
+    _store_rows(Y_ptr, y, rows, cols, mask, y_row_stride)
+
+
+def launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_SIZE, ROWS_PER_PROGRAM, num_warps) for whole rows in registers.
+
+    One program covers a full row; short rows are grouped until a program holds about
+    MIN_ELEMENTS_PER_PROGRAM elements, so that each moves enough bytes to hide memory latency.
+    Warps grow with the elements per program (up to 16), so a thread holds at most 32 of them.
+    """
+    block_size = triton.next_power_of_2(n_cols)
+    rows = min(max(1, MIN_ELEMENTS_PER_PROGRAM // block_size), triton.next_power_of_2(max(n_rows, 1)))
+    elements = rows * block_size
+    num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+    return block_size, rows, num_warps
+
+
+def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, **flags):
+    """Allocates outputs and launches `kernel` over the rows of x [n_rows, n_cols]; returns (y, h)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n_rows, n_cols = x.shape
+    y = out if out is not None else x.new_empty(x.shape)
+    h = None
+    if residual is not None:
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        h = residual_out if residual_out is not None else x.new_empty(x.shape)
+    if n_rows == 0:
+        return y, h
+    block_size, rows_per_program, num_warps = launch_config(n_rows, n_cols)
+    # Unused pointers (no residual, no weight/bias) point at x or y; the kernel never touches them.
+    r, h_buf = (x, y) if residual is None else (residual, h)
+    kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        x, r, y, h_buf, *(x if p is None else p.contiguous() for p in params),
+        x.stride(0), r.stride(0), y.stride(0), h_buf.stride(0), n_rows, n_cols, eps,
+        HAS_RESIDUAL=residual is not None, ROWS_PER_PROGRAM=rows_per_program, BLOCK_SIZE=block_size,
+        num_warps=num_warps, **flags,
+    )  # fmt: skip
+    return y, h
+
+
+def layer_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LayerNorm of h = x (+ residual) over rows of x [M, n_cols]; returns (y, h or None) in x's dtype.
+
+    out / residual_out: optional preallocated [M, n_cols] outputs (last dim contiguous).
+    """
+    return _norm_fwd(
+        _layer_norm_fwd_kernel, x, (weight, bias), eps, residual, out, residual_out,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+    )  # fmt: skip
+
+
+def rms_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    variant: str = "llama",
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm of h = x (+ residual) with a model family's numerics (see reference.rms_norm).
+
+    variant: "llama" or "t5" (round, then weight) or "gemma" ((1 + weight) in fp32, then round).
+    """
+    if variant not in RMS_NORM_VARIANTS:
+        raise ValueError(f"variant must be one of {RMS_NORM_VARIANTS}, got {variant!r}")
+    return _norm_fwd(
+        _rms_norm_fwd_kernel, x, (weight,), eps, residual, out, residual_out,
+        WEIGHT_OFFSET=1.0 if variant == "gemma" else 0.0, ROUND_BEFORE_WEIGHT=variant != "gemma",
+    )  # fmt: skip

@@ -1,0 +1,205 @@
+"""Fused linear kernel (activation(x @ W^T + bias) + residual) against the fp64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, poisoned
+
+import tritonize.ops
+from tritonize.kernels import reference
+from tritonize.kernels.linear import LinearConfig, _pick_config, linear_configs, linear_fwd
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = (None, *reference.ACTIVATIONS)
+
+
+def _inputs(M, N, K, dtype, device, *, bias=True, residual=True):
+    """O(1) values: x ~ N(0, 1), weight ~ N(0, 1/K)."""
+    x = torch.randn(M, K, device=device).to(dtype)
+    weight = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    r = torch.randn(M, N, device=device).to(dtype) if residual else None
+    return x, weight, b, r
+
+
+def _reference(x, weight, bias, activation, residual):
+    def fp64(t):
+        return None if t is None else t.double()
+
+    return reference.linear(fp64(x), fp64(weight), fp64(bias), activation, fp64(residual))
+
+
+def _check_fwd(x, weight, bias, activation, residual, config=None):
+    """linear_fwd into a NaN-poisoned buffer, compared with the fp64 reference."""
+    out = poisoned((x.shape[0], weight.shape[0]), x.dtype, x.device)
+    y = linear_fwd(x, weight, bias, activation, residual, out=out, config=config)
+    assert y is out
+    assert_close(y, _reference(x, weight, bias, activation, residual), x.dtype)
+    return y
+
+
+# -- epilogues and dtypes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias, residual", [(True, True), (False, False)])
+def test_epilogue(activation, bias, residual, dtype, device):
+    x, weight, b, r = _inputs(33, 70, 100, dtype, device, bias=bias, residual=residual)
+    _check_fwd(x, weight, b, activation, r)
+
+
+@pytest.mark.parametrize("bias, residual", [(True, False), (False, True)])
+def test_bias_or_residual_alone(bias, residual, device):
+    x, weight, b, r = _inputs(20, 48, 64, torch.float16, device, bias=bias, residual=residual)
+    _check_fwd(x, weight, b, "gelu", r)
+
+
+# -- shapes and paths -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K", [(1, 1, 33), (33, 33, 100), (2, 257, 33), (65, 130, 200), (17, 1, 16)])
+def test_odd_shapes(M, N, K, dtype, device):
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    _check_fwd(x, weight, b, "gelu_tanh", r)
+
+
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_skinny_default_split_k(M, dtype, device):
+    """M <= 16 on few column blocks: the heuristic splits K (on CPU against a pretend 4-SM GPU)."""
+    N, K = 64, 1024
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    if device == "cpu":
+        assert _pick_config(M, N, K, dtype, torch.device(device)).split_k > 1
+    _check_fwd(x, weight, b, "silu", r)
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+def test_explicit_split_k(split_k, device):
+    """Small blocks: several K steps per split; with 8 splits of 32 over K = 100 some splits are empty."""
+    x, weight, b, r = _inputs(5, 40, 100, torch.float16, device)
+    config = LinearConfig(16, 32, 32, group_m=1, split_k=split_k)
+    first = _check_fwd(x, weight, b, "relu", r, config)
+    assert torch.equal(first, linear_fwd(x, weight, b, "relu", r, config=config)), "split-K must be deterministic"
+
+
+def test_grouped_order_and_k_loop(device):
+    """Many 16x16 tiles with GROUP_M = 2 over an odd number of row blocks, and a K loop of 4 steps."""
+    x, weight, b, r = _inputs(70, 40, 50, torch.float32, device)
+    _check_fwd(x, weight, b, "tanh", r, LinearConfig(16, 16, 16, group_m=2))
+
+
+@pytest.mark.parametrize("M", [1, 65])
+def test_listed_configs(M, device):
+    """Every config a benchmark may sweep (a sample of the skinny ones) computes the same function."""
+    x, weight, b, r = _inputs(M, 70, 300, torch.bfloat16, device)
+    configs = linear_configs(M)
+    for config in configs if M > 16 else configs[::9]:
+        _check_fwd(x, weight, b, "gelu", r, config)
+
+
+def test_non_contiguous(device):
+    """Transposed views of x, weight and residual, and a column-strided x."""
+    M, N, K = 33, 40, 64
+    x = torch.randn(K, M, device=device).t()
+    weight = (torch.randn(K, N, device=device) / K**0.5).t()
+    residual = torch.randn(N, M, device=device).t()
+    bias = torch.randn(2 * N, device=device)[::2]
+    _check_fwd(x, weight, bias, "gelu", residual)
+    x_strided = torch.randn(M, 2 * K, device=device)[:, ::2]
+    _check_fwd(x_strided, weight, None, None, None)
+
+
+def test_empty_rows(device):
+    x, weight, b, r = _inputs(0, 8, 16, torch.float16, device)
+    assert linear_fwd(x, weight, b, "relu", r).shape == (0, 8)
+    assert tritonize.ops.linear(x.reshape(0, 0, 16), weight).shape == (0, 0, 8)
+
+
+# -- public op ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_linear_leading_dims(dtype, device):
+    x = torch.randn(2, 3, 5, 48, device=device).to(dtype)
+    _, weight, b, _ = _inputs(1, 24, 48, dtype, device)
+    residual = torch.randn(2, 3, 5, 24, device=device).to(dtype)
+    y = tritonize.ops.linear(x, weight, b, activation="gelu", residual=residual)
+    ref = _reference(x.reshape(-1, 48), weight, b, "gelu", residual.reshape(-1, 24)).reshape(2, 3, 5, 24)
+    assert_close(y, ref, dtype)
+    y1 = tritonize.ops.linear(x[0, 0, 0], weight)
+    assert_close(y1, _reference(x[0, 0, :1], weight, None, None, None)[0], dtype)
+
+
+BAD_INPUTS = {  # name: (error, call given x [4, 16], weight [8, 16], bias [8], residual [4, 8] in fp32)
+    "float64": (TypeError, lambda x, w, b, r: tritonize.ops.linear(x.double(), w.double())),
+    "int": (TypeError, lambda x, w, b, r: tritonize.ops.linear(x.to(torch.int32), w)),
+    "weight_dtype": (TypeError, lambda x, w, b, r: tritonize.ops.linear(x, w.half())),
+    "bias_dtype": (TypeError, lambda x, w, b, r: tritonize.ops.linear(x, w, b.half())),
+    "weight_3d": (ValueError, lambda x, w, b, r: tritonize.ops.linear(x, w.reshape(8, 16, 1))),
+    "mismatched_k": (ValueError, lambda x, w, b, r: tritonize.ops.linear(x[:, :15], w)),
+    "bias_length": (ValueError, lambda x, w, b, r: tritonize.ops.linear(x, w, b[:7])),
+    "bias_2d": (ValueError, lambda x, w, b, r: tritonize.ops.linear(x, w, b.reshape(8, 1))),
+    "residual_shape": (ValueError, lambda x, w, b, r: tritonize.ops.linear(x, w, residual=r[:, :7])),
+    "residual_transposed": (ValueError, lambda x, w, b, r: tritonize.ops.linear(x, w, residual=r.t())),
+    "activation": (ValueError, lambda x, w, b, r: tritonize.ops.linear(x, w, activation="swish")),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs(case, device):
+    error, call = BAD_INPUTS[case]
+    with pytest.raises(error):
+        call(*_inputs(4, 8, 16, torch.float32, device))
+
+
+def test_torch_compile_fullgraph(device):
+    x, weight, b, r = _inputs(2, 3, 16, torch.float32, device)
+    x = x.reshape(2, 1, 16)
+    r = torch.randn(2, 1, 3, device=device)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x, weight, b, r):
+        return tritonize.ops.linear(x, weight, b, activation="silu", residual=r) * 2
+
+    ref = _reference(x.reshape(2, 16), weight, b, "silu", r.reshape(2, 3)).reshape(2, 1, 3) * 2
+    assert_close(f(x, weight, b, r), ref, torch.float32)
+
+
+def test_opcheck(device):
+    x, weight, b, r = _inputs(3, 5, 16, torch.float32, device)
+    torch.library.opcheck(torch.ops.tritonize.linear.default, (x, weight, b, "gelu", r))
+    torch.library.opcheck(torch.ops.tritonize.linear.default, (x, weight, None, "none", None))
+
+
+# -- real sizes (CUDA only) -----------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "M, N, K, dtype, activation",
+    [
+        (4096, 3072, 768, torch.float16, "gelu"),
+        (128, 768, 3072, torch.float16, None),
+        (16384, 2304, 768, torch.bfloat16, None),
+        (1, 8192, 2048, torch.bfloat16, "silu"),
+        (16, 8192, 2048, torch.bfloat16, None),
+        (1, 2048, 8192, torch.float16, None),
+        (1024, 1024, 1024, torch.float32, "gelu_tanh"),
+        (8, 6144, 2048, torch.float32, None),
+    ],
+)
+def test_real_sizes(M, N, K, dtype, activation, device):
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    _check_fwd(x, weight, b, activation, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [8, 2048])
+def test_listed_configs_compile(M, device):
+    x, weight, b, r = _inputs(M, 1024, 2048, torch.float16, device)
+    for config in linear_configs(M):
+        _check_fwd(x, weight, b, "gelu", r, config)

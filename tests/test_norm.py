@@ -1,0 +1,229 @@
+"""LayerNorm / RMSNorm kernels (optionally fused with the residual add) against the fp64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, poisoned
+
+from tritonize import ops
+from tritonize.kernels import reference
+from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHAPES = [(m, n) for n in (1, 33, 257, 1000) for m in (1, 33)] + [(33, 4099)]
+AFFINE = ("weight_bias", "weight", "none")
+
+
+def _inputs(shape, dtype, device, with_residual, param_dtype=None, n_params=1):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    residual = torch.randn(shape, dtype=dtype, device=device) if with_residual else None
+    params = [torch.randn(shape[-1], dtype=param_dtype or dtype, device=device) for _ in range(n_params)]
+    return x, residual, params
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _check(outputs, refs, dtype, with_residual):
+    (y, h), (y_ref, h_ref) = outputs, refs
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype)
+    if with_residual:
+        assert h.dtype == dtype
+        assert_close(h, h_ref, dtype)
+    else:
+        assert h is None
+
+
+def _poisoned_outputs(x, with_residual):
+    out = poisoned(x.shape, x.dtype, x.device)
+    return out, poisoned(x.shape, x.dtype, x.device) if with_residual else None
+
+
+# -- kernel level, NaN-poisoned outputs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_kernel(shape, dtype, with_residual, device):
+    x, residual, (weight, bias) = _inputs(shape, dtype, device, with_residual, n_params=2)
+    out, residual_out = _poisoned_outputs(x, with_residual)
+    y, h = layer_norm_fwd(x, weight, bias, 1e-5, residual, out=out, residual_out=residual_out)
+    assert y is out and h is residual_out
+    refs = reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5, _f64(residual))
+    _check((y, h), refs, dtype, with_residual)
+
+
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_kernel_affine_options(affine, dtype, device):
+    x, residual, (weight, bias) = _inputs((33, 257), dtype, device, True, torch.float32, n_params=2)
+    weight = None if affine == "none" else weight
+    bias = bias if affine == "weight_bias" else None
+    out, residual_out = _poisoned_outputs(x, True)
+    outputs = layer_norm_fwd(x, weight, bias, 1e-5, residual, out=out, residual_out=residual_out)
+    refs = reference.layer_norm(x.double(), _f64(weight), _f64(bias), 1e-5, residual.double())
+    _check(outputs, refs, dtype, True)
+
+
+@pytest.mark.parametrize("variant", reference.RMS_NORM_VARIANTS)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_kernel(shape, dtype, with_residual, variant, device):
+    x, residual, (weight,) = _inputs(shape, dtype, device, with_residual)
+    out, residual_out = _poisoned_outputs(x, with_residual)
+    y, h = rms_norm_fwd(x, weight, 1e-6, residual, variant, out=out, residual_out=residual_out)
+    assert y is out and h is residual_out
+    refs = reference.rms_norm(x.double(), weight.double(), 1e-6, _f64(residual), variant)
+    _check((y, h), refs, dtype, with_residual)
+
+
+@pytest.mark.parametrize("variant", reference.RMS_NORM_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_rounds_like_its_variant(dtype, variant, device):
+    """Against the reference run in x's dtype (rounding where the variant rounds): nearly bit-equal."""
+    x, residual, (weight,) = _inputs((33, 1000), dtype, device, True, torch.float32)
+    y, _ = rms_norm_fwd(x, weight, 1e-6, residual, variant)
+    y_ref, _ = reference.rms_norm(x, weight, 1e-6, residual, variant)
+    assert (y != y_ref).float().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_params_with_half_input(dtype, device):
+    x, residual, (weight, bias) = _inputs((33, 1000), dtype, device, True, torch.float32, n_params=2)
+    refs = reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5, residual.double())
+    _check(layer_norm_fwd(x, weight, bias, 1e-5, residual), refs, dtype, True)
+    refs = reference.rms_norm(x.double(), weight.double(), 1e-6, residual.double(), "llama")
+    _check(rms_norm_fwd(x, weight, 1e-6, residual, "llama"), refs, dtype, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strided_rows(dtype, device):
+    """Rows of a slice x[:, :n] of a wider tensor are read in place through the row strides."""
+    wide_x = torch.randn(33, 300, dtype=dtype, device=device)
+    wide_residual = torch.randn(33, 280, dtype=dtype, device=device)
+    x, residual = wide_x[:, :257], wide_residual[:, 5:262]
+    weight, bias = torch.randn(257, device=device), torch.randn(257, device=device)
+    refs = reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5, residual.double())
+    _check(layer_norm_fwd(x, weight, bias, 1e-5, residual), refs, dtype, True)
+    refs = reference.rms_norm(x.double(), weight.double(), 1e-6, residual.double(), "gemma")
+    _check(rms_norm_fwd(x, weight, 1e-6, residual, "gemma"), refs, dtype, True)
+    y = ops.rms_norm(x, weight, variant="t5")
+    assert_close(y, reference.rms_norm(x.double(), weight.double(), 1e-6, None, "t5")[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layer_norm_large_common_offset(dtype, device):
+    """x = 1000 + noise: a one-pass E[x^2] - E[x]^2 variance is off by ~3e-2 here, two-pass by ~2e-5.
+
+    fp32 gets 10x its usual tolerance: the fp32 mean of values near 1000 carries an error of that size
+    (torch's own fp32 layer_norm shows the same 2e-5).
+    """
+    x = (1000 + torch.randn(33, 1000, device=device)).to(dtype)
+    weight, bias = torch.randn(1000, device=device), torch.randn(1000, device=device)
+    y, _ = layer_norm_fwd(x, weight, bias, 1e-5)
+    ref = reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5)[0]
+    assert_close(y, ref, dtype, scale=10.0 if dtype == torch.float32 else 1.0)
+
+
+def test_empty_rows(device):
+    x = torch.randn(0, 64, dtype=torch.float16, device=device)
+    y, h = rms_norm_fwd(x, torch.ones(64, device=device), 1e-6, x.clone())
+    assert y.shape == h.shape == (0, 64)
+    assert ops.layer_norm(x.reshape(0, 1, 64), None, None).shape == (0, 1, 64)
+
+
+# -- public ops -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_layer_norm_3d(dtype, with_residual, device):
+    x, residual, (weight, bias) = _inputs((2, 5, 257), dtype, device, with_residual, n_params=2)
+    result = ops.layer_norm(x, weight, bias, 1e-5, residual=residual)
+    refs = reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5, _f64(residual))
+    _check(result if with_residual else (result, None), refs, dtype, with_residual)
+
+
+@pytest.mark.parametrize("variant", reference.RMS_NORM_VARIANTS)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_rms_norm_3d(dtype, with_residual, variant, device):
+    x, residual, (weight,) = _inputs((2, 5, 1000), dtype, device, with_residual)
+    result = ops.rms_norm(x, weight, 1e-6, residual=residual, variant=variant)
+    refs = reference.rms_norm(x.double(), weight.double(), 1e-6, _f64(residual), variant)
+    _check(result if with_residual else (result, None), refs, dtype, with_residual)
+
+
+def test_ops_bad_input(device):
+    x = torch.randn(4, 64, device=device)
+    weight = torch.ones(64, device=device)
+    with pytest.raises(TypeError):
+        ops.layer_norm(x.double(), weight, None)
+    with pytest.raises(TypeError):
+        ops.rms_norm(x.double(), weight)
+    with pytest.raises(ValueError, match="weight"):
+        ops.layer_norm(x, torch.ones(63, device=device), None)
+    with pytest.raises(ValueError, match="weight"):
+        ops.rms_norm(x, torch.ones(65, device=device))
+    with pytest.raises(ValueError, match="residual"):
+        ops.rms_norm(x, weight, residual=torch.randn(4, 63, device=device))
+    with pytest.raises(ValueError, match="residual"):
+        ops.layer_norm(x, weight, None, residual=torch.randn(5, 64, device=device))
+    with pytest.raises(ValueError, match="16384"):
+        ops.layer_norm(torch.randn(1, 16385, device=device), None, None)
+    with pytest.raises(ValueError, match="variant"):
+        ops.rms_norm(x, weight, variant="mistral")
+    with pytest.raises(ValueError, match="eps"):
+        ops.rms_norm(x, weight, -1e-6)
+    with pytest.raises(ValueError, match="eps"):
+        ops.layer_norm(x, weight, None, -1e-5)
+
+
+def test_ops_rms_norm_compiles_fullgraph(device):
+    x, residual, (weight,) = _inputs((2, 5, 257), torch.float16, device, True, torch.float32)
+
+    def block(x, residual, weight):
+        y, h = ops.rms_norm(x, weight, 1e-6, residual=residual)
+        return y * 2, h
+
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    y, h = compiled(x, residual, weight)
+    y_ref, h_ref = reference.rms_norm(x.double(), weight.double(), 1e-6, residual.double())
+    assert_close(y, 2 * y_ref, torch.float16)
+    assert_close(h, h_ref, torch.float16)
+
+
+def test_add_rms_norm_opcheck(device):
+    x, residual, (weight,) = _inputs((3, 33), torch.float16, device, True, torch.float32)
+    torch.library.opcheck(torch.ops.tritonize.add_rms_norm.default, (x, residual, weight, 1e-6, "gemma"))
+
+
+# -- real sizes on a GPU --------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape, dtype, with_residual",
+    [
+        ((4096, 4096), torch.float16, False),
+        ((8192, 8192), torch.bfloat16, True),
+        ((32768, 768), torch.float16, True),
+        ((1024, 16384), torch.float16, True),
+        ((512, 16384), torch.float32, True),
+    ],
+)
+def test_real_sizes(shape, dtype, with_residual, device):
+    x, residual, (weight, bias) = _inputs(shape, dtype, device, with_residual, n_params=2)
+    out, residual_out = _poisoned_outputs(x, with_residual)
+    outputs = layer_norm_fwd(x, weight, bias, 1e-5, residual, out=out, residual_out=residual_out)
+    refs = reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5, _f64(residual))
+    _check(outputs, refs, dtype, with_residual)
+    out, residual_out = _poisoned_outputs(x, with_residual)
+    outputs = rms_norm_fwd(x, weight, 1e-6, residual, "llama", out=out, residual_out=residual_out)
+    refs = reference.rms_norm(x.double(), weight.double(), 1e-6, _f64(residual), "llama")
+    _check(outputs, refs, dtype, with_residual)
