@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels.common import INTERPRETED, dot, dot_precision
+from tritonize.kernels.common import INTERPRETED, cast, dot, dot_precision
 
 LOG2E = math.log2(math.e)
 
@@ -161,7 +161,7 @@ def _attention_fwd_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_base = Out_ptr + off_b * out_batch_stride + off_h * out_head_stride
     out_ptrs = out_base + offs_m[:, None] * out_seq_stride + offs_d[None, :]
-    tl.store(out_ptrs, out.to(Out_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(out_ptrs, cast(out, Out_ptr.dtype.element_ty), mask=q_mask)
 
 
 def default_config(head_dim: int, q_len: int, dtype: torch.dtype) -> AttentionConfig:

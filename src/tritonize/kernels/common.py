@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: interpreter detection and a dot product that is exact there.
+"""Helpers shared by the Triton kernels: interpreter detection, and a dot and a cast that are exact there.
 
 Must never import torch.fx, Dynamo or transformers.
 """
@@ -11,19 +11,31 @@ import triton.language as tl
 # before the kernels were decorated, and they then run on CPU tensors (how CI tests every kernel).
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
-# Triton 3.6's interpreter multiplies bfloat16 tiles wrongly in tl.dot; upcasting there keeps CPU
-# tests meaningful. Compiled kernels never take this branch.
-_UPCAST_BF16_DOT: tl.constexpr = tl.constexpr(INTERPRETED)
+# Triton 3.6's interpreter multiplies bfloat16 tiles wrongly in tl.dot and truncates fp32 -> bf16 casts
+# instead of rounding to nearest even; `dot` and `cast` correct both so CPU tests stay faithful to the GPU.
+# Compiled kernels never take these branches.
+_FIX_INTERPRETER_BF16: tl.constexpr = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
 def dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
     """acc + a @ b with fp32 accumulation (tl.dot, corrected for the interpreter's bf16 bug)."""
-    if _UPCAST_BF16_DOT:
+    if _FIX_INTERPRETER_BF16:
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def cast(value, dtype: tl.constexpr):
+    """value.to(dtype) with round-to-nearest-even, also under the interpreter."""
+    if _FIX_INTERPRETER_BF16:
+        if dtype == tl.bfloat16:
+            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            value = bits.to(tl.float32, bitcast=True)
+    return value.to(dtype)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -10,27 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels.common import INTERPRETED
+from tritonize.kernels.common import cast
 from tritonize.kernels.reference import RMS_NORM_VARIANTS
 
 # Short rows are grouped so that one program moves at least this many elements (e.g. 4 rows of 768).
 MIN_ELEMENTS_PER_PROGRAM = 4096
-
-# Triton 3.6's interpreter truncates fp32 -> bf16 casts; rounding to nearest even first keeps CPU tests
-# faithful to the GPU (and to torch). Compiled kernels never take this branch.
-_ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRETED)
-
-
-@triton.jit
-def _cast(value, dtype: tl.constexpr):
-    """value.to(dtype) with round-to-nearest-even, also under the interpreter."""
-    if _ROUND_BF16_BY_HAND:
-        if dtype == tl.bfloat16:
-            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            value = bits.to(tl.float32, bitcast=True)
-    return value.to(dtype)
-
 
 @triton.jit
 def _row_block(n_rows, n_cols, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
@@ -43,7 +27,7 @@ def _row_block(n_rows, n_cols, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.co
 
 @triton.jit
 def _store_rows(P_ptr, value, rows, cols, mask, row_stride):
-    tl.store(P_ptr + rows * row_stride + cols, _cast(value, P_ptr.dtype.element_ty), mask=mask)
+    tl.store(P_ptr + rows * row_stride + cols, cast(value, P_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -113,7 +97,7 @@ def _rms_norm_fwd_kernel(
     # -- mean of squares, then scale --
     y = h * tl.rsqrt(tl.sum(h * h, axis=1)[:, None] / n_cols + eps)
     if ROUND_BEFORE_WEIGHT:
-        y = _cast(y, Y_ptr.dtype.element_ty).to(tl.float32)
+        y = cast(y, Y_ptr.dtype.element_ty).to(tl.float32)
     y = y * (_load_param(W_ptr, cols, n_cols) + WEIGHT_OFFSET)
     _store_rows(Y_ptr, y, rows, cols, mask, y_row_stride)
 
