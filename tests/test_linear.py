@@ -201,5 +201,6 @@ def test_real_sizes(M, N, K, dtype, activation, device):
 @pytest.mark.parametrize("M", [8, 2048])
 def test_listed_configs_compile(M, device):
     x, weight, b, r = _inputs(M, 1024, 2048, torch.float16, device)
-    for config in linear_configs(M):
+    configs = linear_configs(M)
+    for config in configs if M > 16 else configs[::4]:
         _check_fwd(x, weight, b, "gelu", r, config)

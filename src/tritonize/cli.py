@@ -18,7 +18,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
     payload = kernels.run(tuple(args.parts), quick=args.quick, sweep=args.sweep)
     rows = payload["rows"]
-    path = write_results("kernels", payload, Path(args.out))
+    path = write_results("kernel-sweep" if args.sweep else "kernels", payload, Path(args.out))
     print(markdown_table(rows))
     print(f"\nwrote {path} and {path.with_suffix('.md')}")
     return 0
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--parts", nargs="+", default=["attention", "linear", "norm"],
                        choices=["attention", "linear", "norm"])
     bench.add_argument("--quick", action="store_true", help="fewer shapes (about a minute)")
-    bench.add_argument("--sweep", action="store_true", help="also time every candidate block config")
+    bench.add_argument("--sweep", action="store_true",
+                       help="time every candidate block config instead (to tune the tables)")
     bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON and Markdown results")
     bench.set_defaults(handler=_bench_kernels)
     args = parser.parse_args(argv)

@@ -21,6 +21,8 @@ SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (an H100 block 
 
 @dataclasses.dataclass(frozen=True)
 class LinearConfig:
+    """Tile sizes, GROUP_M row blocks per weight column sweep, launch options, and K splits."""
+
     block_m: int
     block_n: int
     block_k: int

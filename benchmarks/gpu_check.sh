@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One device call: the whole test suite on the GPU (the `gpu` tests at real sizes included), then the
+# kernel benchmark. Results land in $OUT (or benchmarks/results when run by hand).
+# Usage: bash benchmarks/gpu_check.sh [extra bench-kernels args...]
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -n 25 | tee "$OUT/gpu-tests.log"
+fi
+python3 -m tritonize.cli bench-kernels --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^|" | tail -n 40
+grep -E "tritonize \|" "$OUT"/kernel*.md | cut -c1-200 | tail -n 60
