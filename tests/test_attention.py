@@ -173,8 +173,9 @@ def test_real_sizes_gpu(dtype, head_dim, causal):
 
 
 @pytest.mark.gpu
-def test_real_sizes_fp32_and_bias_gpu():
-    q, k, v = make_qkv(2, 12, 12, 512, 512, 64, torch.float32, "cuda")
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+def test_real_sizes_fp32_and_bias_gpu(head_dim):
+    q, k, v = make_qkv(2, 12, 12, 512, 512, head_dim, torch.float32, "cuda")
     bias = torch.randn(1, 12, 512, 512, device="cuda")
-    out = run_kernel(q, k, v, 0.125, bias=bias)
-    assert_close(out, gold(q, k, v, 0.125, bias=bias), torch.float32)
+    out = run_kernel(q, k, v, 0.125, causal=True, bias=bias)
+    assert_close(out, gold(q, k, v, 0.125, causal=True, bias=bias), torch.float32)

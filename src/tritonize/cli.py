@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+PARTS = ("attention", "linear", "norm")
+
 
 def _bench_kernels(args: argparse.Namespace) -> int:
     import torch
@@ -18,7 +20,10 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
     payload = kernels.run(tuple(args.parts), quick=args.quick, sweep=args.sweep)
     rows = payload["rows"]
-    path = write_results("kernel-sweep" if args.sweep else "kernels", payload, Path(args.out))
+    name = "kernel-sweep" if args.sweep else "kernels"
+    if set(args.parts) != set(PARTS):
+        name += "-" + "-".join(args.parts)
+    path = write_results(name, payload, Path(args.out))
     print(markdown_table(rows))
     print(f"\nwrote {path} and {path.with_suffix('.md')}")
     return 0
@@ -28,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tritonize", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench-kernels", help="time attention, linear and norm kernels against PyTorch")
-    bench.add_argument("--parts", nargs="+", default=["attention", "linear", "norm"],
-                       choices=["attention", "linear", "norm"])
+    bench.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     bench.add_argument("--quick", action="store_true", help="fewer shapes (about a minute)")
     bench.add_argument("--sweep", action="store_true",
                        help="time every candidate block config instead (to tune the tables)")

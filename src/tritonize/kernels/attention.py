@@ -67,7 +67,9 @@ def _attend_key_range(
             qk = tl.where(visible, qk, float("-inf"))
         # -- online softmax: rescale what came before to the new row maximum --
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
+        m_safe = m_new
+        if HAS_BIAS or HAS_KPM or MASK_EDGES:  # a row may have no visible key yet: keep it at zero
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -164,19 +166,21 @@ def _attention_fwd_kernel(
     tl.store(out_ptrs, cast(out, Out_ptr.dtype.element_ty), mask=q_mask)
 
 
+# Block sizes by padded head_dim, chosen from `tritonize bench-kernels --sweep` on an H100 at 4096
+# tokens (benchmarks/results/kernel-sweep-*.json); fp32 tiles are halved to fit shared memory.
+_CONFIGS_16BIT = {64: AttentionConfig(128, 64, 8, 4), 128: AttentionConfig(128, 128, 8, 3),
+                  256: AttentionConfig(64, 64, 4, 3)}
+_CONFIGS_FP32 = {64: AttentionConfig(128, 64, 8, 2), 128: AttentionConfig(64, 32, 8, 2),
+                 256: AttentionConfig(32, 32, 4, 1)}
+
+
 def default_config(head_dim: int, q_len: int, dtype: torch.dtype) -> AttentionConfig:
-    """Block sizes by head_dim and dtype (measured on H100); large blocks under the interpreter."""
+    """Block sizes by head_dim and dtype; large blocks under the interpreter; short queries get 64 rows."""
     if INTERPRETED:
         return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
-    block_d = triton.next_power_of_2(head_dim)
-    wide = dtype == torch.float32
-    if block_d <= 64:
-        config = AttentionConfig(128, 64 if wide else 128, 4 if not wide else 8, 2 if wide else 3)
-    elif block_d <= 128:
-        config = AttentionConfig(128 if not wide else 64, 64 if not wide else 32, 8, 2 if wide else 3)
-    else:
-        config = AttentionConfig(64, 32, 4 if not wide else 8, 2)
-    if q_len <= 64:
+    table = _CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS_16BIT
+    config = table[max(64, triton.next_power_of_2(head_dim))]
+    if q_len <= 64 and config.block_m > 64:
         config = AttentionConfig(64, config.block_n, 4, config.num_stages)
     return config
 

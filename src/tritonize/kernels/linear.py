@@ -89,7 +89,7 @@ def _linear_kernel(
     x_row_stride, x_col_stride, w_row_stride, w_col_stride, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of x @ weight^T over the K range [pid_k * k_split_size, +k_split_size).
 
@@ -98,6 +98,7 @@ def _linear_kernel(
     HAS_BIAS). R_ptr: residual [M, N] with strides (r_row_stride, r_col_stride). Y_ptr: output
     [M, N], contiguous. Partial_ptr: fp32 [SPLIT_K, M, N] contiguous workspace; with SPLIT_K > 1
     the raw partial sums go there and _split_k_reduce_kernel applies the epilogue.
+    EVEN_K: every split is a whole number of BLOCK_K steps, so K needs no mask.
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
     """
     # -- grouped order: GROUP_M consecutive row blocks reuse each weight column block from L2 --
@@ -118,9 +119,13 @@ def _linear_kernel(
     w_ptrs = W_ptr + (offs_n % N).to(tl.int64)[None, :] * w_row_stride + (k_start + offs_k)[:, None] * w_col_stride
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
-        k_mask = (k + offs_k) < k_end
-        x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_mask = (k + offs_k) < k_end
+            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         acc = dot(x, w, acc, INPUT_PRECISION)
         x_ptrs += BLOCK_K * x_col_stride
         w_ptrs += BLOCK_K * w_col_stride
@@ -218,10 +223,10 @@ def linear_configs(M: int, dtype: torch.dtype = torch.float16) -> list[LinearCon
     if M <= SKINNY_MAX_M:
         candidates = [
             LinearConfig(16, block_n, block_k, group_m=1, num_warps=warps, num_stages=stages, split_k=split)
-            for block_n in (32, 64, 128)
-            for block_k in (128, 256)
-            for warps, stages in ((4, 3), (4, 4), (8, 4))
-            for split in (1, 2, 4, 8, 16)
+            for block_n in (16, 32, 64, 128)
+            for block_k in (128, 256, 512)
+            for warps, stages in ((2, 4), (4, 4))
+            for split in (1, 2, 4, 8)
         ]
     else:
         candidates = [dataclasses.replace(tile, split_k=split) for tile, _ in _TILES for split in (1, 2, 4)]
@@ -267,7 +272,7 @@ def linear_fwd(
         *x.stride(), *weight.stride(), *res_strides,
         **flags, SPLIT_K=config.split_k, INPUT_PRECISION=dot_precision(x.dtype), BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        EVEN_K=K % (config.block_k * config.split_k) == 0, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if config.split_k > 1:
         block_m, block_n = min(16, triton.next_power_of_2(M)), 256
