@@ -70,7 +70,7 @@ def test_odd_shapes(M, N, K, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_skinny_default_split_k(M, dtype, device):
     """M <= 16 on few column blocks: the heuristic splits K (on CPU against a pretend 4-SM GPU)."""
-    N, K = 64, 1024
+    N, K = 64, 4096
     x, weight, b, r = _inputs(M, N, K, dtype, device)
     if device == "cpu":
         assert _pick_config(M, N, K, dtype, torch.device(device)).split_k > 1

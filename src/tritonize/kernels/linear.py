@@ -40,8 +40,10 @@ _TILES = (
     (LinearConfig(64, 128, 64, num_warps=4, num_stages=4), 0.75),
     (LinearConfig(64, 64, 64, num_warps=4, num_stages=4), 0.55),
 )
-# Decode: 16-row tiles over narrow weight column blocks with long K steps, split over K as needed.
-_SKINNY = LinearConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+# Decode: 16-row tiles over narrow weight column blocks with long K steps (block_n 64 for wide
+# weights, 32 otherwise), split over K as needed; chosen from `tritonize bench-kernels --sweep` on an
+# H100 timed in CUDA graphs (benchmarks/results/kernel-sweep-linear-*.json).
+_SKINNY = LinearConfig(16, 64, 256, group_m=1, num_warps=4, num_stages=4)
 
 
 @triton.jit
@@ -205,16 +207,20 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
         block_k = min(128, max(16, triton.next_power_of_2(K)))
         tile = LinearConfig(16 if M <= SKINNY_MAX_M else 64, 64, block_k, group_m=4)
     elif M <= SKINNY_MAX_M:
-        tile = _SKINNY
+        tile = _SKINNY if N >= 4096 else dataclasses.replace(_SKINNY, block_n=32)
     else:
         tile = min(_TILES, key=cost)[0]
     config, tiles = _fit(tile, dtype.itemsize, smem_budget), _num_tiles(tile, M, N)
-    # split K while too few programs (decode: under two per SM; else: under half the SMs busy) and
-    # each split keeps at least two K steps
-    target = 2 * sm_count if M <= SKINNY_MAX_M else (sm_count if tiles < sm_count // 2 else 0)
+    # split K while too few programs: decode splits while the programs still fit on the SMs at once
+    # and each split keeps 8 K steps; larger M while under half the SMs are busy, 4 K steps a split
+    k_steps = triton.cdiv(K, config.block_k)
     split_k = 1
-    while tiles * split_k < target and triton.cdiv(K, config.block_k) >= 4 * split_k:
-        split_k *= 2
+    if M <= SKINNY_MAX_M:
+        while tiles * split_k * 2 <= sm_count and k_steps >= 8 * split_k * 2:
+            split_k *= 2
+    elif tiles < sm_count // 2:
+        while tiles * split_k < sm_count and k_steps >= 4 * split_k:
+            split_k *= 2
     return dataclasses.replace(config, split_k=split_k)
 
 
