@@ -143,6 +143,7 @@ def test_zero_length_keys_give_zeros(device):
         (lambda a: {**a, "key_padding_mask": torch.ones(2, 9, dtype=torch.bool)}, ValueError, "key_padding_mask"),
         (lambda a: {**a, "bias": torch.zeros(3, 1, 1, 1)}, ValueError, "bias of shape"),
         (lambda a: {**a, "scale": float("nan")}, ValueError, "scale"),
+        (lambda a: {**a, "scale": -0.5}, ValueError, "scale must be"),
     ],
 )
 def test_bad_input_is_named(change, error, words):

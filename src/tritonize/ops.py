@@ -94,7 +94,7 @@ def attention(
     """Flash attention forward: softmax(q @ k^T * scale + bias, masked) @ v.
 
     q: [batch, heads, q_len, head_dim]; k, v: [batch, kv_heads, kv_len, head_dim], any strides,
-    kv_heads dividing heads (GQA/MQA). head_dim 16..256. scale defaults to 1/sqrt(head_dim).
+    kv_heads dividing heads (GQA/MQA). head_dim 16..256. scale (> 0) defaults to 1/sqrt(head_dim).
     causal: query i sees keys j <= i + kv_len - q_len (aligned to the end).
     key_padding_mask: bool [batch, kv_len], True = attend. bias: additive, broadcastable to
     [batch, heads, q_len, kv_len] (T5 position bias, ALiBi). A query row whose keys are all masked
@@ -138,8 +138,8 @@ def attention(
             ) from None
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
     return _attention_op(q, k, v, float(scale), bool(causal), key_padding_mask, bias)
 
 

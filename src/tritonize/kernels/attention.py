@@ -52,11 +52,14 @@ def _attend_key_range(
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-        qk = dot(q, k, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION) * scale_log2
+        # (without a bias the scale is applied later, fused into the exponent's subtraction)
+        qk = dot(q, k, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION)
+        qk_scale = scale_log2
         if HAS_BIAS:
             bias_ptrs = bias_base + offs_m[:, None] * bias_q_stride + offs_n[None, :] * bias_kv_stride
             bias = tl.load(bias_ptrs, mask=(offs_m[:, None] < q_len) & n_ok[None, :], other=0.0)
-            qk += bias.to(tl.float32) * 1.4426950408889634
+            qk = qk * scale_log2 + bias.to(tl.float32) * 1.4426950408889634
+            qk_scale = 1.0
         if HAS_KPM:
             attend = tl.load(kpm_base + offs_n * kpm_stride, mask=n_ok, other=0) != 0
             qk = tl.where(attend[None, :], qk, float("-inf"))
@@ -66,11 +69,11 @@ def _attend_key_range(
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             qk = tl.where(visible, qk, float("-inf"))
         # -- online softmax: rescale what came before to the new row maximum --
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # scale > 0, so max commutes with it
         m_safe = m_new
         if HAS_BIAS or HAS_KPM or MASK_EDGES:  # a row may have no visible key yet: keep it at zero
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
