@@ -7,6 +7,7 @@ import torch
 from helpers import assert_close, poisoned
 
 import tritonize.ops
+from tritonize.kernels import linear as linear_module
 from tritonize.kernels import reference
 from tritonize.kernels.linear import LinearConfig, _pick_config, linear_configs, linear_fwd
 
@@ -37,6 +38,26 @@ def _check_fwd(x, weight, bias, activation, residual, config=None):
     assert y is out
     assert_close(y, _reference(x, weight, bias, activation, residual), x.dtype)
     return y
+
+
+class _LaunchRecorder:
+    """Stands in for a kernel in tritonize.kernels.linear: notes (name, grid) of each launch, then launches."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append((self.name, grid))
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The list of (kernel name, grid) that linear_fwd launches during the test."""
+    record = []
+    for name in ("_linear_kernel", "_linear_persistent_kernel"):
+        monkeypatch.setattr(linear_module, name, _LaunchRecorder(getattr(linear_module, name), name, record))
+    return record
 
 
 # -- epilogues and dtypes -------------------------------------------------------------------------
@@ -93,12 +114,16 @@ def test_grouped_order_and_k_loop(device):
 
 
 @pytest.mark.parametrize("M", [1, 65])
-def test_listed_configs(M, device):
-    """Every config a benchmark may sweep (a sample of the skinny ones) computes the same function."""
-    x, weight, b, r = _inputs(M, 70, 300, torch.bfloat16, device)
+def test_listed_configs(M, device, launches):
+    """Every config a benchmark may sweep (a sample of the skinny ones) computes the same function;
+    K = 296 bf16 rows are 16-byte aligned, so the persistent ones take the TMA kernel."""
+    x, weight, b, r = _inputs(M, 70, 296, torch.bfloat16, device)
     configs = linear_configs(M)
     for config in configs if M > 16 else configs[::9]:
+        launches.clear()
         _check_fwd(x, weight, b, "gelu", r, config)
+        assert launches[0][0] == ("_linear_persistent_kernel" if config.persistent else "_linear_kernel")
+    assert M <= 16 or any(config.persistent for config in configs)
 
 
 def test_non_contiguous(device):
@@ -111,6 +136,101 @@ def test_non_contiguous(device):
     _check_fwd(x, weight, bias, "gelu", residual)
     x_strided = torch.randn(M, 2 * K, device=device)[:, ::2]
     _check_fwd(x_strided, weight, None, None, None)
+
+
+# -- persistent TMA kernel (M > 16) ---------------------------------------------------------------
+
+# Small tiles, so that on CPU (a pretend 4-SM GPU) every program loops over several tiles.
+SMALL_PERSISTENT = LinearConfig(32, 32, 32, group_m=2, persistent=True)
+
+
+@pytest.mark.parametrize(
+    "M, N, K, dtype, config",
+    [
+        (33, 40, 64, torch.float32, LinearConfig(16, 16, 16, group_m=2, persistent=True)),
+        (33, 257, 136, torch.float16, SMALL_PERSISTENT),
+        (200, 40, 300, torch.float32, SMALL_PERSISTENT),
+        (200, 257, 296, torch.bfloat16, None),  # the heuristic's tiles
+    ],
+)
+def test_persistent_odd_shapes(M, N, K, dtype, config, device, launches):
+    """Edges in M, N and K zero-filled by the descriptors; tiles strided over the programs."""
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    config = config or _pick_config(M, N, K, dtype, torch.device(device))
+    assert config.persistent
+    _check_fwd(x, weight, b, "gelu", r, config)
+    sm_count = linear_module._device_limits(torch.device(device))[0]
+    tiles = linear_module._num_tiles(config, M, N)
+    assert launches == [("_linear_persistent_kernel", (min(sm_count, tiles),))]
+    if device == "cpu":
+        assert tiles > 2 * sm_count, "each program should loop over several tiles"
+
+
+@pytest.mark.parametrize(
+    "activation, dtype, bias, residual",
+    [
+        (None, torch.float32, False, False),
+        ("relu", torch.float16, True, False),
+        ("gelu", torch.bfloat16, False, True),
+        ("gelu_tanh", torch.float32, True, True),
+        ("silu", torch.float16, True, True),
+        ("tanh", torch.bfloat16, True, True),
+    ],
+)
+def test_persistent_epilogues(activation, dtype, bias, residual, device, launches):
+    x, weight, b, r = _inputs(40, 72, 64, dtype, device, bias=bias, residual=residual)
+    _check_fwd(x, weight, b, activation, r, SMALL_PERSISTENT)
+    assert [name for name, _ in launches] == ["_linear_persistent_kernel"]
+
+
+def test_persistent_residual_strides(device, launches):
+    """A transposed residual in the persistent epilogue (residual strides are free, unlike x's)."""
+    x, weight, b, _ = _inputs(48, 40, 64, torch.float16, device)
+    residual = torch.randn(40, 48, device=device).to(torch.float16).t()
+    _check_fwd(x, weight, b, "silu", residual)
+    assert [name for name, _ in launches] == ["_linear_persistent_kernel"]
+
+
+def _misaligned(t):
+    """A contiguous copy of t whose data starts one element past a 16-byte boundary."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return view.copy_(t)
+
+
+NOT_TMA = {  # name: (x, weight) -> the same values in a layout TMA cannot read
+    "x_transposed": lambda x, w: (x.t().contiguous().t(), w),
+    "x_column_strided": lambda x, w: (x.repeat_interleave(2, dim=1)[:, ::2], w),
+    "x_misaligned_base": lambda x, w: (_misaligned(x), w),
+    "rows_not_16_bytes": lambda x, w: (x[:, :60].contiguous(), w[:, :60].contiguous()),  # 120-byte rows
+    "weight_transposed": lambda x, w: (x, w.t().contiguous().t()),
+}
+
+
+@pytest.mark.parametrize("case", NOT_TMA)
+def test_persistent_falls_back_to_pointers(case, device, launches):
+    """A persistent config on a layout TMA cannot read runs the tiled pointer kernel instead."""
+    M, N, K, dtype = 40, 48, 64, torch.float16
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    x, weight = NOT_TMA[case](x, weight)
+    assert _pick_config(M, N, x.shape[1], dtype, torch.device(device)).persistent
+    _check_fwd(x, weight, b, "gelu", r)
+    assert [name for name, _ in launches] == ["_linear_kernel"]
+
+
+def test_persistent_config_rules(device):
+    """The heuristic runs persistent exactly for unsplit M > 16 (decode and split-K keep their kernels)."""
+    with pytest.raises(ValueError):
+        LinearConfig(128, 128, 64, split_k=2, persistent=True)
+    dev = torch.device(device)
+    has_tma = linear_module._device_limits(dev)[2]
+    for M, N, K in [(16, 64, 4096), (17, 64, 4096), (65, 128, 64), (1024, 3072, 768)]:
+        config = _pick_config(M, N, K, torch.float16, dev)
+        assert config.persistent == (M > 16 and config.split_k == 1 and has_tma)
+    if device == "cpu":  # 4 pretend SMs: one tile splits K, four tiles run persistent
+        assert _pick_config(17, 64, 4096, torch.float16, dev).split_k > 1
+        assert _pick_config(65, 128, 64, torch.float16, dev).persistent
+    # exact fp32 (no tensor cores) keeps the pointer kernel; with TF32 allowed it goes persistent
+    assert not _pick_config(1024, 3072, 768, torch.float32, dev).persistent
 
 
 def test_empty_rows(device):
@@ -198,9 +318,35 @@ def test_real_sizes(M, N, K, dtype, activation, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "M, N, K, dtype, activation",
+    [
+        (128, 3072, 768, torch.float16, "gelu"),
+        (1024, 3072, 768, torch.bfloat16, "gelu"),
+        (4096, 3072, 768, torch.float16, "gelu"),
+        (4096, 768, 3072, torch.float16, None),
+        (16384, 2304, 768, torch.float16, None),
+        (2048, 2304, 768, torch.float32, "gelu_tanh"),
+    ],
+)
+def test_persistent_real_sizes(M, N, K, dtype, activation, device, launches):
+    """BERT-base shapes through the heuristic: the persistent TMA kernel on Hopper (sm_90+)."""
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    config = _pick_config(M, N, K, dtype, torch.device(device))
+    _check_fwd(x, weight, b, activation, r)
+    expected = "_linear_persistent_kernel" if config.persistent else "_linear_kernel"
+    assert launches[0][0] == expected
+    if torch.cuda.get_device_capability()[0] >= 9 and config.split_k == 1 and dtype != torch.float32:
+        assert config.persistent
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("M", [8, 2048])
-def test_listed_configs_compile(M, device):
+def test_listed_configs_compile(M, device, launches):
+    """Every swept config fits the GPU (shared memory, registers); persistent ones launch persistent."""
     x, weight, b, r = _inputs(M, 1024, 2048, torch.float16, device)
     configs = linear_configs(M)
     for config in configs if M > 16 else configs[::4]:
+        launches.clear()
         _check_fwd(x, weight, b, "gelu", r, config)
+        assert launches[0][0] == ("_linear_persistent_kernel" if config.persistent else "_linear_kernel")

@@ -249,8 +249,8 @@ def bench_linear(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
 
 def sweep_linear(ceilings: dict[str, float]) -> list[Row]:
     rows = []
-    for m, n, k in ((128, 768, 3072), (1, 8192, 2048), (1, 2048, 8192), (16, 3072, 2048), (1, 3072, 768),
-                    (4, 2048, 2048)):
+    for m, n, k in ((128, 768, 3072), (1024, 3072, 768), (4096, 3072, 768), (4096, 768, 3072), (4096, 2304, 768),
+                    (16384, 3072, 768), (1, 8192, 2048), (1, 2048, 8192)):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_beyond_l2(n * k * 2))]
         b = torch.randn(n, device="cuda", dtype=torch.float16)

@@ -1,7 +1,11 @@
 """Fused linear layer: activation(x @ weight^T + bias) + residual with fp32 accumulation.
 
-A grouped, tiled matmul for prefill-sized inputs and a skinny split-K path for decode (M <= 16);
-both share one epilogue. Must never import torch.fx, Dynamo or transformers.
+Three launch shapes share one epilogue (bias, activation, residual, store):
+- a persistent matmul for M > 16 (one program per SM looping over output tiles, x and weight tiles
+  loaded through tensor descriptors, i.e. TMA on Hopper) when x and weight allow TMA;
+- a grouped, tiled pointer matmul for every other layout, and the split-K path for few tiles;
+- skinny 16-row tiles split over K for decode (M <= 16).
+Must never import torch.fx, Dynamo or transformers.
 """
 
 from __future__ import annotations
@@ -11,17 +15,23 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tritonize.kernels.common import INTERPRETED, dot, dot_precision
 
 SKINNY_MAX_M = 16  # tl.dot needs 16 rows; up to this many tokens the weight read dominates
-INTERPRETER_SM_COUNT = 4  # a pretend GPU, so small CPU test shapes take the split-K paths too
+INTERPRETER_SM_COUNT = 4  # a pretend GPU: small CPU test shapes take the split-K paths and loop over tiles
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (an H100 block may opt into 227 KiB)
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearConfig:
-    """Tile sizes, GROUP_M row blocks per weight column sweep, launch options, and K splits."""
+    """Tile sizes, GROUP_M row blocks per weight column sweep, launch options, and K splits.
+
+    persistent: one program per SM loops over the tiles, loading through tensor descriptors (TMA);
+    used where the GPU has TMA (sm_90+; the interpreter emulates it) and x and weight allow it,
+    otherwise the tiled pointer kernel runs the same tiles.
+    """
 
     block_m: int
     block_n: int
@@ -30,10 +40,16 @@ class LinearConfig:
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 1
+    persistent: bool = False
+
+    def __post_init__(self):
+        if self.persistent and self.split_k != 1:
+            raise ValueError("a persistent config cannot split K")
 
 
 # Tiles for M > 16, biggest first, each with a guessed tensor-core efficiency (bigger tiles reuse
-# more of what they load) used to trade tile size against wave quantization on the SMs.
+# more of what they load) used to trade tile size against wave quantization on the SMs. The heuristic
+# runs them persistent where it can (see _pick_config).
 _TILES = (
     (LinearConfig(128, 256, 64, num_warps=8, num_stages=3), 1.0),
     (LinearConfig(128, 128, 64, num_warps=4, num_stages=4), 0.9),
@@ -66,6 +82,18 @@ def _tanh(y):
     t = tl.exp(-2.0 * tl.abs(y))  # in (0, 1]: no overflow for any y
     magnitude = (1.0 - t) / (1.0 + t)
     return tl.where(y < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile `tile_id` in grouped order: GROUP_M consecutive row
+    blocks sweep the weight column blocks together, so each weight tile is reused from L2."""
+    num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group_first_m = (tile_id // (GROUP_M * num_pid_n)) * GROUP_M
+    group_size_m = min(num_pid_m - group_first_m, GROUP_M)
+    pid_m = group_first_m + (tile_id % (GROUP_M * num_pid_n)) % group_size_m
+    pid_n = (tile_id % (GROUP_M * num_pid_n)) // group_size_m
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -103,13 +131,8 @@ def _linear_kernel(
     EVEN_K: every split is a whole number of BLOCK_K steps, so K needs no mask.
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
     """
-    # -- grouped order: GROUP_M consecutive row blocks reuse each weight column block from L2 --
-    pid, pid_k = tl.program_id(0), tl.program_id(1)
-    num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group_first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
-    group_size_m = min(num_pid_m - group_first_m, GROUP_M)
-    pid_m = group_first_m + (pid % (GROUP_M * num_pid_n)) % group_size_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -145,6 +168,51 @@ def _linear_kernel(
 
 
 @triton.jit
+def _linear_persistent_kernel(
+    x_desc, w_desc, B_ptr, R_ptr, Y_ptr, M, N, K, r_row_stride, r_col_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """Output tiles start, start + NUM_SMS, ... (grouped order) of x @ weight^T, each with the epilogue.
+
+    x_desc: tensor descriptor of x [M, K], block [BLOCK_M, BLOCK_K]. w_desc: of weight [N, K],
+    block [BLOCK_N, BLOCK_K]. Both need a contiguous last dimension and 16-byte aligned base and row
+    stride; TMA zero-fills reads past M, N and K, so no masks. Other pointers as in _linear_kernel.
+    Grid: (min(NUM_SMS, number of tiles),).
+    """
+    start = tl.program_id(0)
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    # the epilogue counts its tiles separately, as Triton's persistent-matmul tutorial does: values used
+    # by both the loads and the epilogue have tripped the pipelining of the flattened loop
+    epilogue_tile = start - NUM_SMS
+    # -- flatten: the compiler fuses tile and K loops into one pipelined loop, prefetching across tiles --
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_steps):
+            x = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = dot(x, w.T, acc, INPUT_PRECISION)
+
+        epilogue_tile += NUM_SMS
+        pid_m, pid_n = _tile_coords(epilogue_tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        # -- epilogue in two column halves: half the registers for activation and residual (no spills) --
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        _epilogue(
+            acc0, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
+            HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+        )  # fmt: skip
+        _epilogue(
+            acc1, offs_m, offs_n + BLOCK_N // 2, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
+            HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+        )  # fmt: skip
+
+
+@triton.jit
 def _split_k_reduce_kernel(
     Partial_ptr, B_ptr, R_ptr, Y_ptr, M, N, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -167,13 +235,19 @@ def _split_k_reduce_kernel(
     )  # fmt: skip
 
 
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(SM count, shared-memory bytes a program's pipelined tiles may use)."""
-    if device.type != "cuda":
-        return INTERPRETER_SM_COUNT, SMEM_BUDGET
+def _device_limits(device: torch.device) -> tuple[int, int, bool]:
+    """(SM count, shared-memory bytes a program's pipelined tiles may use, whether it has TMA)."""
+    if device.type != "cuda":  # the interpreter emulates tensor descriptors with masked loads
+        return INTERPRETER_SM_COUNT, SMEM_BUDGET, True
     props = torch.cuda.get_device_properties(device)
     optin = getattr(props, "shared_memory_per_block_optin", 232448)
-    return props.multi_processor_count, min(SMEM_BUDGET, optin * 7 // 8)
+    return props.multi_processor_count, min(SMEM_BUDGET, optin * 7 // 8), props.major >= 9
+
+
+def _tma_compatible(t: torch.Tensor) -> bool:
+    """TMA reads 2-D tensors with a contiguous last dimension and a 16-byte aligned base and row stride."""
+    row_bytes = t.stride(0) * t.element_size()
+    return t.stride(1) == 1 and row_bytes % 16 == 0 and t.stride(0) >= t.shape[1] and t.data_ptr() % 16 == 0
 
 
 def _smem_bytes(config: LinearConfig, itemsize: int) -> int:
@@ -197,13 +271,13 @@ def _num_tiles(config: LinearConfig, M: int, N: int) -> int:
 
 
 def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearConfig:
-    sm_count, smem_budget = _device_limits(device)
+    sm_count, smem_budget, has_tma = _device_limits(device)
 
     def cost(tile_and_efficiency):  # waves of programs times the work of one program
         tile, efficiency = tile_and_efficiency
         return triton.cdiv(_num_tiles(tile, M, N), sm_count) * tile.block_m * tile.block_n / efficiency
 
-    if INTERPRETED:  # few, big blocks keep CPU tests fast; masks still cover the edges
+    if INTERPRETED:  # few, big blocks keep CPU tests fast; masks (or TMA bounds) still cover the edges
         block_k = min(128, max(16, triton.next_power_of_2(K)))
         tile = LinearConfig(16 if M <= SKINNY_MAX_M else 64, 64, block_k, group_m=4)
     elif M <= SKINNY_MAX_M:
@@ -221,7 +295,10 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     elif tiles < sm_count // 2:
         while tiles * split_k < sm_count and k_steps >= 4 * split_k:
             split_k *= 2
-    return dataclasses.replace(config, split_k=split_k)
+    # unsplit prefill on tensor cores runs persistent through TMA (linear_fwd falls back to pointers for
+    # other layouts); exact fp32 dots (FMA, no tensor cores) spill heavily there and keep the pointer kernel
+    persistent = M > SKINNY_MAX_M and split_k == 1 and has_tma and dot_precision(dtype) != "ieee"
+    return dataclasses.replace(config, split_k=split_k, persistent=persistent)
 
 
 def linear_configs(M: int, dtype: torch.dtype = torch.float16) -> list[LinearConfig]:
@@ -242,6 +319,15 @@ def linear_configs(M: int, dtype: torch.dtype = torch.float16) -> list[LinearCon
             LinearConfig(128, 128, 32, num_warps=4, num_stages=5),
             LinearConfig(128, 64, 64, num_warps=4, num_stages=4),
         ]
+        # the same tiles persistent (TMA loads), plus the usual Hopper picks
+        candidates += [dataclasses.replace(tile, persistent=True) for tile, _ in _TILES]
+        candidates += [
+            LinearConfig(128, 256, 64, num_warps=8, num_stages=4, persistent=True),
+            LinearConfig(128, 128, 64, num_warps=8, num_stages=3, persistent=True),
+            LinearConfig(128, 128, 64, num_warps=8, num_stages=4, persistent=True),
+            LinearConfig(128, 128, 128, num_warps=8, num_stages=3, persistent=True),
+            LinearConfig(128, 256, 64, group_m=4, num_warps=8, num_stages=3, persistent=True),
+        ]
     return list(dict.fromkeys(_fit(config, dtype.itemsize, SMEM_BUDGET) for config in candidates))
 
 
@@ -257,7 +343,8 @@ def linear_fwd(
     """activation(x @ weight^T + bias) + residual as a contiguous [M, N] tensor in x's dtype.
 
     x: [M, K]; weight: [N, K]; bias: [N]; residual: [M, N]; any strides (validated by tritonize.ops).
-    out: an optional contiguous [M, N] buffer to write. config: overrides the shape heuristic.
+    out: an optional contiguous [M, N] buffer to write. config: overrides the shape heuristic; a
+    persistent config runs the tiled pointer kernel where x or weight cannot be read through TMA.
     """
     (M, K), N = x.shape, weight.shape[0]
     if out is None:
@@ -267,16 +354,27 @@ def linear_fwd(
     config = config or _pick_config(M, N, K, x.dtype, x.device)
     bias = None if bias is None else bias.contiguous()
     res_strides = (0, 0) if residual is None else residual.stride()
+    flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None)
+    precision = dot_precision(x.dtype)
+    sm_count, _, has_tma = _device_limits(x.device)
+    if config.persistent and has_tma and _tma_compatible(x) and _tma_compatible(weight):
+        x_desc = TensorDescriptor.from_tensor(x, [config.block_m, config.block_k])
+        w_desc = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k])
+        _linear_persistent_kernel[(min(sm_count, _num_tiles(config, M, N)),)](
+            x_desc, w_desc, bias, residual, out, M, N, K, *res_strides, **flags, INPUT_PRECISION=precision,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            NUM_SMS=sm_count, num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        return out
     partial = out
     if config.split_k > 1:
         partial = torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
     k_split_size = triton.cdiv(triton.cdiv(K, config.split_k), config.block_k) * config.block_k
-    flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None)
     grid = (_num_tiles(config, M, N), config.split_k)
     _linear_kernel[grid](
         x, weight, bias, residual, out, partial, M, N, K, k_split_size,
         *x.stride(), *weight.stride(), *res_strides,
-        **flags, SPLIT_K=config.split_k, INPUT_PRECISION=dot_precision(x.dtype), BLOCK_M=config.block_m,
+        **flags, SPLIT_K=config.split_k, INPUT_PRECISION=precision, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         EVEN_K=K % (config.block_k * config.split_k) == 0, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
