@@ -218,14 +218,16 @@ def test_persistent_falls_back_to_pointers(case, device, launches):
 
 
 def test_persistent_config_rules(device):
-    """The heuristic runs persistent exactly for unsplit M > 16 (decode and split-K keep their kernels)."""
+    """Persistent exactly for unsplit M > 16 whose tiles fill every SM on a GPU (always on CPU, to test it);
+    decode and split-K keep their kernels."""
     with pytest.raises(ValueError):
         LinearConfig(128, 128, 64, split_k=2, persistent=True)
     dev = torch.device(device)
-    has_tma = linear_module._device_limits(dev)[2]
-    for M, N, K in [(16, 64, 4096), (17, 64, 4096), (65, 128, 64), (1024, 3072, 768)]:
+    sm_count, _, has_tma = linear_module._device_limits(dev)
+    for M, N, K in [(16, 64, 4096), (17, 64, 4096), (65, 128, 64), (1024, 3072, 768), (128, 3072, 768)]:
         config = _pick_config(M, N, K, torch.float16, dev)
-        assert config.persistent == (M > 16 and config.split_k == 1 and has_tma)
+        fills_sms = device == "cpu" or linear_module._num_tiles(linear_module._PERSISTENT, M, N) >= sm_count
+        assert config.persistent == (M > 16 and config.split_k == 1 and has_tma and fills_sms)
     if device == "cpu":  # 4 pretend SMs: one tile splits K, four tiles run persistent
         assert _pick_config(17, 64, 4096, torch.float16, dev).split_k > 1
         assert _pick_config(65, 128, 64, torch.float16, dev).persistent
@@ -336,7 +338,9 @@ def test_persistent_real_sizes(M, N, K, dtype, activation, device, launches):
     _check_fwd(x, weight, b, activation, r)
     expected = "_linear_persistent_kernel" if config.persistent else "_linear_kernel"
     assert launches[0][0] == expected
-    if torch.cuda.get_device_capability()[0] >= 9 and config.split_k == 1 and dtype != torch.float32:
+    fills_sms = linear_module._num_tiles(linear_module._PERSISTENT, M, N) >= torch.cuda.get_device_properties(
+        device).multi_processor_count
+    if torch.cuda.get_device_capability()[0] >= 9 and fills_sms and dtype != torch.float32:
         assert config.persistent
 
 

@@ -169,23 +169,25 @@ def _attention_fwd_kernel(
     tl.store(out_ptrs, cast(out, Out_ptr.dtype.element_ty), mask=q_mask)
 
 
-# Block sizes by padded head_dim, chosen from `tritonize bench-kernels --sweep` on an H100 at 4096
-# tokens (benchmarks/results/kernel-sweep-*.json); fp32 tiles are halved to fit shared memory.
-_CONFIGS_16BIT = {64: AttentionConfig(128, 64, 8, 4), 128: AttentionConfig(128, 128, 8, 3),
+# Block sizes by padded head_dim, chosen from `tritonize bench-kernels --sweep` on an H100 at 512 and
+# 4096 tokens (benchmarks/results/kernel-sweep-*.json); fp32 tiles are halved to fit shared memory.
+_CONFIGS_16BIT = {64: AttentionConfig(128, 64, 8, 4), 128: AttentionConfig(128, 64, 8, 3),
                   256: AttentionConfig(64, 64, 4, 3)}
+_SHORT_QUERY_CONFIG = AttentionConfig(64, 64, 4, 3)  # up to SHORT_QUERY_LEN rows: more, lighter programs
+SHORT_QUERY_LEN = 1024
 _CONFIGS_FP32 = {64: AttentionConfig(128, 64, 8, 2), 128: AttentionConfig(64, 32, 8, 2),
                  256: AttentionConfig(32, 32, 4, 1)}
 
 
 def default_config(head_dim: int, q_len: int, dtype: torch.dtype) -> AttentionConfig:
-    """Block sizes by head_dim and dtype; large blocks under the interpreter; short queries get 64 rows."""
+    """Block sizes by head_dim, dtype and query length; large blocks under the interpreter."""
     if INTERPRETED:
         return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
-    table = _CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS_16BIT
-    config = table[max(64, triton.next_power_of_2(head_dim))]
-    if q_len <= 64 and config.block_m > 64:
-        config = AttentionConfig(64, config.block_n, 4, config.num_stages)
-    return config
+    if dtype == torch.float32:
+        return _CONFIGS_FP32[max(64, triton.next_power_of_2(head_dim))]
+    if q_len <= SHORT_QUERY_LEN:
+        return _SHORT_QUERY_CONFIG
+    return _CONFIGS_16BIT[max(64, triton.next_power_of_2(head_dim))]
 
 
 def key_range(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,10 @@ class LinearConfig:
 # Tiles for M > 16, biggest first, each with a guessed tensor-core efficiency (bigger tiles reuse
 # more of what they load) used to trade tile size against wave quantization on the SMs. The heuristic
 # runs them persistent where it can (see _pick_config).
+# Prefill with enough tiles to fill the SMs: persistent through TMA (linear_fwd falls back to pointer
+# loads for other layouts). Best of the H100 sweep at BERT and Llama shapes (kernel-sweep-linear-*).
+# Exact fp32 dots (FMA, no tensor cores) spill heavily there and keep the pointer kernel.
+_PERSISTENT = LinearConfig(128, 128, 64, num_warps=8, num_stages=4, persistent=True)
 _TILES = (
     (LinearConfig(128, 256, 64, num_warps=8, num_stages=3), 1.0),
     (LinearConfig(128, 128, 64, num_warps=4, num_stages=4), 0.9),
@@ -277,11 +281,15 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
         tile, efficiency = tile_and_efficiency
         return triton.cdiv(_num_tiles(tile, M, N), sm_count) * tile.block_m * tile.block_n / efficiency
 
+    tensor_core_tma = has_tma and dot_precision(dtype) != "ieee"
     if INTERPRETED:  # few, big blocks keep CPU tests fast; masks (or TMA bounds) still cover the edges
         block_k = min(128, max(16, triton.next_power_of_2(K)))
-        tile = LinearConfig(16 if M <= SKINNY_MAX_M else 64, 64, block_k, group_m=4)
+        tile = LinearConfig(16 if M <= SKINNY_MAX_M else 64, 64, block_k, group_m=4,
+                            persistent=M > SKINNY_MAX_M and tensor_core_tma)
     elif M <= SKINNY_MAX_M:
         tile = _SKINNY if N >= 4096 else dataclasses.replace(_SKINNY, block_n=32)
+    elif tensor_core_tma and _num_tiles(_PERSISTENT, M, N) >= sm_count:
+        tile = _PERSISTENT  # enough tiles to fill every SM
     else:
         tile = min(_TILES, key=cost)[0]
     config, tiles = _fit(tile, dtype.itemsize, smem_budget), _num_tiles(tile, M, N)
@@ -295,10 +303,7 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     elif tiles < sm_count // 2:
         while tiles * split_k < sm_count and k_steps >= 4 * split_k:
             split_k *= 2
-    # unsplit prefill on tensor cores runs persistent through TMA (linear_fwd falls back to pointers for
-    # other layouts); exact fp32 dots (FMA, no tensor cores) spill heavily there and keep the pointer kernel
-    persistent = M > SKINNY_MAX_M and split_k == 1 and has_tma and dot_precision(dtype) != "ieee"
-    return dataclasses.replace(config, split_k=split_k, persistent=persistent)
+    return dataclasses.replace(config, split_k=split_k, persistent=config.persistent and split_k == 1)
 
 
 def linear_configs(M: int, dtype: torch.dtype = torch.float16) -> list[LinearConfig]:
