@@ -1,6 +1,6 @@
 """tritonize: fused, readable Triton kernels for fast PyTorch transformer inference."""
 
-from tritonize import ops
+from tritonize import debug, ops
 
-__all__ = ["ops"]
+__all__ = ["debug", "ops"]
 __version__ = "0.1.0"

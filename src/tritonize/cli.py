@@ -1,4 +1,5 @@
-"""Command line: `tritonize bench-kernels` (kernel micro-benchmarks on a CUDA GPU)."""
+"""Command line: `tritonize bench-kernels` (kernel micro-benchmarks on a CUDA GPU) and `tritonize debug`
+(one kernel run bounds-checked on CPU through Triton's interpreter, compared with its reference)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,21 @@ import argparse
 from pathlib import Path
 
 PARTS = ("attention", "linear", "norm")
+DEBUG_KERNELS = ("attention", "linear", "layer_norm", "rms_norm")
+DEBUG_EPILOG = """\
+--shape per kernel (comma-separated positive integers):
+  attention   batch,heads,q_len,kv_len,head_dim[,kv_heads]  (random key padding mask; --causal)
+  linear      M,N,K      x [M, K] @ weight [N, K]^T + bias, GELU, + residual
+  layer_norm  rows,cols  with weight, bias and residual
+  rms_norm    rows,cols  with weight and residual
+
+examples:
+  tritonize debug linear --shape 33,40,70
+  tritonize debug attention --shape 2,8,100,130,64,2 --causal --dtype float16
+  TRITON_INTERPRET=1 tritonize debug rms_norm --shape 5,1000 --dtype bfloat16
+
+Prints OK, the out-of-bounds access, or the relative error that is too large (exit status 1).
+"""
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
@@ -29,6 +45,30 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _debug(args: argparse.Namespace) -> int:
+    import torch
+
+    from tritonize.debug import OutOfBoundsError, check_kernel
+
+    try:
+        shape = [int(dim) for dim in args.shape.split(",")]
+    except ValueError:
+        print(f"error: --shape takes comma-separated integers, got {args.shape!r}")
+        return 2
+    try:
+        result = check_kernel(args.kernel, shape, getattr(torch, args.dtype), causal=args.causal, seed=args.seed)
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    except OutOfBoundsError as err:
+        print(f"OUT OF BOUNDS: {err}")
+        return 1
+    verdict = "OK" if result.ok else "FAIL"
+    print(f"{verdict} {args.kernel} --shape {args.shape} {args.dtype}: relative error {result.relative_error:.2e} "
+          f"(tolerance {result.tolerance:.1e}); launches: {', '.join(result.launches)}")
+    return 0 if result.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tritonize", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="time every candidate block config instead (to tune the tables)")
     bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON and Markdown results")
     bench.set_defaults(handler=_bench_kernels)
+    debug = sub.add_parser("debug", help="run one kernel bounds-checked on CPU and compare it with its reference",
+                           epilog=DEBUG_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    debug.add_argument("kernel", choices=DEBUG_KERNELS)
+    debug.add_argument("--shape", required=True, help="comma-separated sizes, per kernel as below")
+    debug.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    debug.add_argument("--causal", action="store_true", help="attention only: causal mask")
+    debug.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    debug.set_defaults(handler=_debug)
     args = parser.parse_args(argv)
     return args.handler(args)
 

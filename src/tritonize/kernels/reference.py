@@ -11,6 +11,10 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh")
+
+# How close a kernel's output stored in each dtype must be to these definitions computed in fp64, as a
+# relative error ||out - ref|| / ||ref||: exact fp32 accumulation, and the rounding of fp16 / bf16 storage.
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 RMS_NORM_VARIANTS = ("llama", "t5", "gemma")
 
 
