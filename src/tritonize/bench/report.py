@@ -25,6 +25,7 @@ class Row:
     unit: str
     fraction_of_ceiling: float | None  # rate over the card's measured ceiling for that unit
     max_rel_error: float | None  # ||out - ref|| / ||ref|| against an fp32 reference
+    warmup_s: float | None = None  # seconds of the first call at this shape (compile, capture)
 
 
 def provenance() -> dict:

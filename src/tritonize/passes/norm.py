@@ -1,0 +1,159 @@
+"""LayerNorm and RMSNorm -> `tritonize.ops.layer_norm` / `ops.rms_norm`, with a residual add fused in.
+
+`layer_norm` matches `F.layer_norm(x, (hidden,), w, b, eps)`; `rms_norm` matches the written-out forms
+of HF's RMSNorms by their numerics (Llama/T5: round, then multiply by the weight; Gemma: multiply by
+1 + weight in fp32, then round). When the normalized tensor is `a + b`, the add moves into the kernel
+and its other users read the kernel's second output. eps always comes from the graph. passes/ never imports triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from tritonize import ops
+from tritonize.ops import MAX_NORM_HIDDEN
+from tritonize.passes.registry import (
+    ADD,
+    MUL,
+    Reject,
+    arg,
+    check,
+    check_tensor,
+    fake,
+    is_call,
+    is_cast,
+    is_number,
+    operands,
+    register_pattern,
+    replace,
+    same_shape,
+    sole_user,
+    static_int,
+)
+
+
+def _split_residual(x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) when x = a + b with a, b and x all of one shape and dtype (no broadcast), else None."""
+    pair = operands(x, ADD)
+    if pair is None or not all(fake(v) is not None for v in pair):
+        return None
+    x_value = fake(x)
+    if all(same_shape(fake(v), x_value) and fake(v).dtype == x_value.dtype for v in pair):
+        return pair
+    return None
+
+
+def _check_norm(x: fx.Node, eps: object, **params: fx.Node | None) -> torch.Tensor:
+    """x's fake tensor, after checking the norm kernels take x, eps and the 1-D parameters."""
+    x_value = check_tensor("x", x)
+    hidden = static_int(x_value.shape[-1]) if x_value.dim() else None
+    check(hidden is not None and 1 <= hidden <= MAX_NORM_HIDDEN, f"hidden size must be 1..{MAX_NORM_HIDDEN}")
+    check(x_value.dim() <= 8, f"x has {x_value.dim()} dims; the norm kernels take 1 to 8")
+    check(is_number(eps) and eps >= 0, f"eps {eps!r} is not a number >= 0 known when compiling")
+    for name, p in params.items():
+        if p is not None:
+            value = check_tensor(name, p)
+            check(tuple(value.shape) == (hidden,), f"{name} has shape {tuple(value.shape)}, not ({hidden},)")
+            check(value.device == x_value.device, f"{name} is on {value.device}, x on {x_value.device}")
+    return x_value
+
+
+def _replace_norm(end: fx.Node, x: fx.Node, norm, *args, **kwargs) -> None:
+    """(end, x) -> norm(a, *args, residual=b) when x = a + b and that can move; else end -> norm(x, *args)."""
+    pair = _split_residual(x)
+    if pair is not None:
+        try:
+            replace((end, x), norm, pair[0], *args, residual=pair[1], **kwargs)
+            return
+        except Reject:
+            pass
+    replace(end, norm, x, *args, **kwargs)
+
+
+@register_pattern("layer_norm")
+def layer_norm(node: fx.Node) -> bool:
+    """F.layer_norm over the last dim -> ops.layer_norm (residual fused when its input is a sum)."""
+    if not is_call(node, F.layer_norm):
+        return False
+    x, shape = arg(node, 0, "input"), arg(node, 1, "normalized_shape")
+    weight, bias, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
+    x_value = _check_norm(x, eps, weight=weight, bias=bias)
+    last_dim_only = isinstance(shape, (list, tuple)) and list(shape) == [x_value.shape[-1]]
+    check(last_dim_only, f"normalized_shape {shape} is not the last dim alone")
+    _replace_norm(node, x, ops.layer_norm, weight, bias, eps)
+    return True
+
+
+def _uncast(node: object) -> object:
+    return node.args[0] if is_cast(node) else node
+
+
+def _mean_square_plus_eps(node: object) -> tuple[fx.Node, object] | None:
+    """(s, eps) when node computes mean(s ** 2, dim=-1, keepdim=True) + eps, else None."""
+    pair = operands(node, ADD)
+    if pair is None:
+        return None
+    mean, eps = pair if isinstance(pair[0], fx.Node) else pair[::-1]
+    if not is_call(mean, torch.mean, "mean") or arg(mean, 2, "keepdim") is not True:
+        return None
+    square = arg(mean, 0, "input")
+    if fake(square) is None or arg(mean, 1, "dim") not in (-1, [-1], (-1,), fake(square).dim() - 1):
+        return None
+    squares = is_call(square, torch.pow, "pow") and arg(square, 1, "exponent") == 2
+    if squares or is_call(square, torch.square, "square"):
+        return square.args[0], eps
+    pair = operands(square, MUL)
+    return (pair[0], eps) if pair is not None and pair[0] is pair[1] else None
+
+
+def _one_plus(node: object) -> fx.Node | None:
+    """w when node computes 1 + w (w possibly cast), else None."""
+    pair = operands(node, ADD)
+    ones = [is_number(v) and v == 1 for v in pair or ()]
+    if not any(ones):
+        return None
+    other = pair[1] if ones[0] else pair[0]
+    return _uncast(other) if isinstance(other, fx.Node) else None
+
+
+@register_pattern("rms_norm")
+def rms_norm(node: fx.Node) -> bool:
+    """x * rsqrt(mean(x_fp32 ** 2, -1, keepdim=True) + eps), then the weight: Llama/T5 `w * n.to(dtype)`
+    (variant "llama") or Gemma `(n * (1 + w)).to(dtype)` (variant "gemma") -> ops.rms_norm."""
+    if not is_call(node, torch.rsqrt, "rsqrt"):
+        return False
+    stats = _mean_square_plus_eps(arg(node, 0, "input"))
+    normed = sole_user(node)
+    pair = operands(normed, MUL)
+    if stats is None or pair is None:
+        return False
+    squared, eps = stats
+    x, scaled_input = _uncast(squared), pair[1] if pair[0] is node else pair[0]
+    if scaled_input is not x and not (_uncast(scaled_input) is x and fake(scaled_input).dtype == torch.float32):
+        return False
+    x_value, squared_value = check_tensor("x", x), fake(squared)
+    check(squared_value is not None and squared_value.dtype == torch.float32, "the mean of squares is not in float32")
+    # -- the weight: after rounding to x's dtype (llama), or as 1 + w in fp32 before it (gemma) --
+    rounded, scaled = None, sole_user(normed)
+    if is_cast(scaled):
+        rounded, scaled = scaled, sole_user(scaled)
+    pair = operands(scaled, MUL)
+    check(pair is not None, "the normalized value is not multiplied by a weight")
+    factor = pair[1] if pair[0] is (normed if rounded is None else rounded) else pair[0]
+    weight = _one_plus(factor)
+    if weight is not None and rounded is None:
+        variant = "gemma"
+        check(fake(factor).dtype == torch.float32, "1 + weight is not computed in float32 (not Gemma's numerics)")
+    else:
+        variant, weight = "llama", factor
+        exact = fake(rounded).dtype == x_value.dtype if rounded is not None else x_value.dtype == torch.float32
+        check(exact, "the weight multiplies a value not rounded to x's dtype (neither Llama's nor Gemma's numerics)")
+    end = scaled
+    if is_cast(sole_user(end)) and fake(sole_user(end)).dtype == x_value.dtype:
+        end = sole_user(end)
+    check(fake(end).dtype == x_value.dtype, f"the output dtype {fake(end).dtype} is not x's dtype {x_value.dtype}")
+    _check_norm(x, eps, weight=weight)
+    _replace_norm(end, x, ops.rms_norm, weight, eps, variant=variant)
+    return True

@@ -1,0 +1,101 @@
+"""Shape buckets and padding: a bounded set of (batch, sequence) shapes serves every input.
+
+Inputs are padded up to their bucket (padding masked out through the attention mask) and outputs are
+sliced back to the real rows and tokens. Must never import triton or transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# 2-D outputs that are per token (everything else 2-D, such as pooler_output, is per sequence).
+PER_TOKEN_2D_OUTPUTS = ("start_logits", "end_logits")
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    sizes, size = [], lo
+    while size < hi:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, hi)
+
+
+@dataclass(frozen=True)
+class ShapeBuckets:
+    """Allowed padded sizes per dimension, ascending; an input takes the smallest bucket that fits.
+
+    Default: batch 1, 2, 4, ... up to max_batch; sequence 16, 32, 64, ... up to max_seq_len.
+    """
+
+    batch: tuple[int, ...]
+    seq: tuple[int, ...]
+
+    @classmethod
+    def powers_of_two(cls, max_seq_len: int, max_batch: int = 64, min_seq: int = 16) -> ShapeBuckets:
+        return cls(_powers_of_two(1, max_batch), _powers_of_two(min(min_seq, max_seq_len), max_seq_len))
+
+    @classmethod
+    def from_user(cls, buckets: dict[str, Sequence[int]] | ShapeBuckets, max_seq_len: int) -> ShapeBuckets:
+        if isinstance(buckets, ShapeBuckets):
+            return buckets
+        unknown = set(buckets) - {"batch", "seq"}
+        if unknown:
+            raise ValueError(f"buckets takes the keys 'batch' and 'seq', got {sorted(unknown)}")
+        default = cls.powers_of_two(max_seq_len)
+        batch = tuple(sorted(int(b) for b in buckets.get("batch", default.batch)))
+        seq = tuple(sorted(int(s) for s in buckets.get("seq", default.seq)))
+        if not batch or not seq or batch[0] < 1 or seq[0] < 1:
+            raise ValueError(f"bucket sizes must be positive integers, got batch={batch} seq={seq}")
+        if seq[-1] > max_seq_len:
+            raise ValueError(f"sequence bucket {seq[-1]} exceeds the model's maximum length {max_seq_len}")
+        return cls(batch, seq)
+
+    def fit(self, batch: int, seq: int) -> tuple[int, int]:
+        """The bucket (padded batch, padded sequence) for an input, or ValueError naming the limit."""
+        if batch > self.batch[-1]:
+            raise ValueError(f"batch {batch} exceeds the largest batch bucket {self.batch[-1]}; "
+                             f"pass buckets={{'batch': [...]}} to optimize_model to allow it")
+        if seq > self.seq[-1]:
+            raise ValueError(f"sequence length {seq} exceeds the largest sequence bucket {self.seq[-1]}")
+        return next(b for b in self.batch if b >= batch), next(s for s in self.seq if s >= seq)
+
+
+def pad_to(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """Zero-pads dims 0 and 1 of t up to (batch, seq): pad tokens, pad positions, masked-out keys."""
+    pad_seq, pad_batch = seq - t.shape[1], batch - t.shape[0]
+    if pad_seq == 0 and pad_batch == 0:
+        return t
+    trailing = [0, 0] * (t.dim() - 2)
+    return F.pad(t, [*trailing, 0, pad_seq, 0, pad_batch])
+
+
+def slice_outputs(out, real: tuple[int, int], padded: tuple[int, int], name: str = ""):
+    """Cuts the padding back off every tensor in a (nested) model output; keeps its type."""
+    (batch, seq), (padded_batch, padded_seq) = real, padded
+    if isinstance(out, torch.Tensor):
+        if out.dim() >= 1 and out.shape[0] == padded_batch:
+            out = out[:batch]
+        per_token = out.dim() >= 3 or (out.dim() == 2 and name.endswith(PER_TOKEN_2D_OUTPUTS))
+        if per_token and out.shape[1] == padded_seq:
+            out = out[:, :seq]
+        return out
+    if isinstance(out, dict):  # ModelOutput is an OrderedDict subclass that takes keyword arguments
+        return type(out)(**{key: slice_outputs(value, real, padded, key) for key, value in out.items()})
+    if isinstance(out, (tuple, list)):
+        return type(out)(slice_outputs(value, real, padded, name) for value in out)
+    return out
+
+
+def clone_outputs(out):
+    """Copies every tensor of a (nested) output, so a later replay cannot overwrite what the caller holds."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, dict):
+        return type(out)(**{key: clone_outputs(value) for key, value in out.items()})
+    if isinstance(out, (tuple, list)):
+        return type(out)(clone_outputs(value) for value in out)
+    return out

