@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: the whole test suite on the GPU (the `gpu` tests at real sizes included), then the
-# kernel benchmark. Results land in $OUT (or benchmarks/results when run by hand).
+# kernel benchmark and the model benchmark. Results land in $OUT (or benchmarks/results by hand).
 # Usage: bash benchmarks/gpu_check.sh [extra bench-kernels args...]
+# Knobs: SKIP_TESTS=1, TEST_TIMEOUT (s, default 400), SKIP_MODEL=1, MODEL (default minilm).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -12,3 +13,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 python3 -m tritonize.cli bench-kernels --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^|" | tail -n 40
 grep -E "tritonize \|" "$OUT"/kernel*.md | cut -c1-200 | tail -n 60
+if [ "${SKIP_MODEL:-0}" != 1 ]; then
+  python3 -m tritonize.cli bench --model "${MODEL:-minilm}" --out "$OUT" 2>&1 | tee "$OUT/bench-model.log" | tail -n 60
+fi
