@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PARTS = ("attention", "linear", "norm")
+PARTS = ("attention", "linear", "norm", "decode-attention", "gated-mlp", "rotary")
 DEBUG_KERNELS = ("attention", "linear", "layer_norm", "rms_norm")
 DEBUG_EPILOG = """\
 --shape per kernel (comma-separated positive integers):
@@ -92,7 +92,7 @@ def _bench_model(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tritonize", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench-kernels", help="time attention, linear and norm kernels against PyTorch")
+    bench = sub.add_parser("bench-kernels", help="time every kernel against the PyTorch way of doing the same")
     bench.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     bench.add_argument("--quick", action="store_true", help="fewer shapes (about a minute)")
     bench.add_argument("--sweep", action="store_true",

@@ -16,10 +16,14 @@ import torch
 from tritonize.kernels import reference
 from tritonize.kernels.attention import flash_attention_fwd
 from tritonize.kernels.common import INTERPRETED
+from tritonize.kernels.decode_attention import decode_attention_fwd
+from tritonize.kernels.gated_mlp import gated_mlp_fwd
 from tritonize.kernels.linear import linear_fwd
 from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
+from tritonize.kernels.rotary import rotary_fwd
 
-__all__ = ["attention", "linear", "layer_norm", "rms_norm", "SUPPORTED_DTYPES"]
+__all__ = ["attention", "linear", "layer_norm", "rms_norm", "rotary", "gated_mlp", "concat_gate_up", "decode_attention",
+           "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -333,3 +337,213 @@ def rms_norm(
     if residual is None:
         return _rms_norm_op(x, weight, float(eps), variant)
     return _add_rms_norm_op(x, residual, weight, float(eps), variant)
+
+
+# -- rotary embeddings ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tritonize::rotary", mutates_args=())
+def _rotary_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = rotary_fwd if _runs_triton(q) else reference.rotary
+    return fn(q, k, cos, sin, interleaved)
+
+
+@_rotary_op.register_fake
+def _(q, k, cos, sin, interleaved):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embeddings of q and k in one kernel (fp32 math); returns new (q_rot, k_rot).
+
+    q: [batch, heads, seq, head_dim]; k: [batch, kv_heads, seq, head_dim]; any strides (views of a packed
+    qkv are fine). cos, sin: [batch or 1, seq, rotary_dim] as HF's rotary embedding returns them, rotary_dim
+    even and <= head_dim; dims past rotary_dim pass through (partial rotary, GPT-NeoX / Phi).
+    interleaved=False (Llama, NeoX): x * cos + rotate_half(x) * sin, cos/sin = cat(freqs, freqs).cos() /
+    .sin(), i.e. each frequency in dims i and i + rotary_dim / 2. interleaved=True (GPT-J): pairs
+    (x[2i], x[2i+1]) rotate by frequency i, and cos/sin hold it in dims 2i and 2i + 1 (GPT-J's
+    duplicate_interleave: pass HF GPT-J's [batch, seq, rotary_dim / 2] cos.repeat_interleave(2, dim=-1)).
+    Outputs are contiguous, in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k)):
+        _check_tensor(name, t, ndim=4)
+        _check_float(name, t, q.dtype)
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_tensor(name, t, ndim=3)
+        _check_float(name, t, cos.dtype)
+    _check_same_device(q.device, k=k, cos=cos, sin=sin)
+    batch, _, seq, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2] != seq or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k shape {tuple(k.shape)} does not fit q shape {tuple(q.shape)}: batch, seq and head_dim must match"
+        )
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    rotary_dim = cos.shape[2]
+    if cos.shape[0] not in (1, batch) or cos.shape[1] != seq:
+        raise ValueError(f"cos/sin must have shape (batch or 1, seq, rotary_dim) with batch {batch} and seq {seq}, "
+                         f"got {tuple(cos.shape)}")
+    if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim (cos/sin's last dim) must be even and in [2, head_dim={head_dim}], "
+                         f"got {rotary_dim}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    return _rotary_op(q, k, cos, sin, interleaved)
+
+
+# -- gated MLP ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tritonize::gated_mlp", mutates_args=())
+def _gated_mlp_op(
+    x: torch.Tensor, gate_up_weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> torch.Tensor:
+    intermediate = gate_up_weight.shape[0] // 2
+    x2d = x.reshape(-1, x.shape[-1])
+    fn = gated_mlp_fwd if _runs_triton(x) else reference.gated_mlp
+    return fn(x2d, gate_up_weight, bias, activation).reshape(*x.shape[:-1], intermediate)
+
+
+@_gated_mlp_op.register_fake
+def _(x, gate_up_weight, bias, activation):
+    return x.new_empty((*x.shape[:-1], gate_up_weight.shape[0] // 2))
+
+
+def concat_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """cat([gate, up], dim=0): the gate_up_weight (or bias) of gated_mlp from the separate projections.
+
+    gate, up: nn.Linear weights [intermediate, hidden] (or biases [intermediate]) of the same shape and dtype.
+    """
+    _check_tensor("gate", gate, ndim=(1, 2))
+    _check_tensor("up", up, ndim=(1, 2))
+    _check_float("gate", gate)
+    _check_float("up", up, gate.dtype)
+    _check_same_device(gate.device, up=up)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    return torch.cat([gate, up], dim=0)
+
+
+def gated_mlp(
+    x: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    *,
+    activation: str = "silu",
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """act(x @ W_gate^T + b_gate) * (x @ W_up^T + b_up) in one kernel, fp32 accumulation.
+
+    x: [..., hidden]; gate_up_weight: [2 * intermediate, hidden] = cat([W_gate, W_up], dim=0), the gate
+    projection's rows first (concat_gate_up builds it); bias: [2 * intermediate] = cat([b_gate, b_up]).
+    activation: "silu" (SwiGLU), "gelu" (GeGLU, erf) or "gelu_tanh". Returns [..., intermediate] in x's dtype.
+    """
+    _check_tensor("x", x, ndim=range(1, 9))
+    _check_float("x", x)
+    _check_tensor("gate_up_weight", gate_up_weight, ndim=2)
+    _check_float("gate_up_weight", gate_up_weight, x.dtype)
+    _check_same_device(x.device, gate_up_weight=gate_up_weight, bias=bias)
+    rows, hidden = gate_up_weight.shape
+    if rows == 0 or hidden == 0 or rows % 2:
+        raise ValueError(
+            f"gate_up_weight must be [2 * intermediate, hidden], non-empty, got {tuple(gate_up_weight.shape)}"
+        )
+    if x.shape[-1] != hidden:
+        raise ValueError(
+            f"x has {x.shape[-1]} features but gate_up_weight {tuple(gate_up_weight.shape)} expects {hidden}"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=1)
+        _check_float("bias", bias, x.dtype)
+        if bias.shape[0] != rows:
+            raise ValueError(f"bias must have shape ({rows},) = (2 * intermediate,), got {tuple(bias.shape)}")
+    if activation not in reference.GATED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {reference.GATED_ACTIVATIONS}, got {activation!r}")
+    return _gated_mlp_op(x, gate_up_weight, bias, activation)
+
+
+# -- decode attention -----------------------------------------------------------------------------
+
+MAX_DECODE_QUERIES = 16
+
+
+@torch.library.custom_op("tritonize::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float,
+    key_start: torch.Tensor | None,
+) -> torch.Tensor:
+    if _runs_triton(q):
+        return decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, key_start)
+    return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, key_start)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, key_start):
+    return q.new_empty(q.shape)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    key_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of 1 to 16 new tokens per sequence against a preallocated KV cache (flash-decoding).
+
+    q: [batch, heads, q_len, head_dim]; k_cache, v_cache: [batch, kv_heads, max_len, head_dim], any
+    strides, kv_heads dividing heads (GQA/MQA); head_dim 16..256. cache_seqlens: int32 [batch] on q's
+    device, the valid positions of each sequence including the q_len new tokens already written, so
+    query i sits at position seqlen - q_len + i and sees keys up to it. key_start: optional int32
+    [batch], each sequence's first valid key (left padding). The lengths are read on the device only
+    (no host sync: one CUDA graph serves every step); a length above max_len is the caller's bug and
+    is clamped to max_len. Query rows with no valid key give zeros. Returns [batch, heads, q_len,
+    head_dim] in q's dtype.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t, ndim=4)
+        _check_float(name, t, q.dtype)
+    batch, heads, q_len, head_dim = q.shape
+    for name, t in (("cache_seqlens", cache_seqlens), ("key_start", key_start)):
+        if t is None:
+            continue
+        _check_tensor(name, t, ndim=1)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be an int32 tensor, got {t.dtype}")
+        if t.shape[0] != batch:
+            raise ValueError(f"{name} must have shape (batch,) = ({batch},), got {tuple(t.shape)}")
+    _check_same_device(q.device, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, key_start=key_start)
+    if not 1 <= q_len <= MAX_DECODE_QUERIES:
+        raise ValueError(f"q must hold 1 to {MAX_DECODE_QUERIES} query tokens (dim 2), got {q_len}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache/v_cache shape {tuple(k_cache.shape)} does not fit q shape {tuple(q.shape)}: "
+            "batch and head_dim must match"
+        )
+    kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+    if max_len < q_len:
+        raise ValueError(f"k_cache holds {max_len} positions, fewer than the q_len ({q_len}) new tokens")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, float(scale), key_start)

@@ -330,10 +330,157 @@ def bench_norms(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
     return rows
 
 
+# -- decode attention -----------------------------------------------------------------------------
+
+
+def decode_attention_cases(quick: bool) -> Iterator[tuple[int, int, int, str]]:
+    """(batch, max_len, q_len, lengths) for a Llama-8B-like layer: 32 heads, 8 kv heads, head_dim 128."""
+    for batch in (1, 8, 32) if quick else (1, 8, 32, 64):
+        for max_len in (4096,) if quick else (1024, 4096, 16384):
+            for q_len in (1,) if quick else (1, 4, 16):
+                for mode in ("full", "ragged"):
+                    yield batch, max_len, q_len, mode
+
+
+def bench_decode_attention(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
+    """KV cache bytes read per second (valid positions only), against SDPA with a mask on the same cache."""
+    rows = []
+    dtype, heads, kv_heads, head_dim = torch.bfloat16, 32, 8, 128
+    for batch, max_len, q_len, mode in decode_attention_cases(quick):
+        cache_shape = (batch, kv_heads, max_len, head_dim)
+        cache_bytes = 2 * math.prod(cache_shape) * dtype.itemsize
+        caches = [tuple(torch.randn(cache_shape, device="cuda", dtype=dtype) for _ in range(2))
+                  for _ in range(copies_beyond_l2(cache_bytes))]
+        q = torch.randn(batch, heads, q_len, head_dim, device="cuda", dtype=dtype)
+        if mode == "full":
+            seqlens = torch.full((batch,), max_len, dtype=torch.int32, device="cuda")
+        else:  # each sequence's length drawn in [max_len/2, max_len]
+            seqlens = torch.randint(max_len // 2, max_len + 1, (batch,), dtype=torch.int32, device="cuda")
+        read_bytes = 2 * int(seqlens.sum()) * kv_heads * head_dim * dtype.itemsize
+        # SDPA sees the cache up to the longest sequence and a mask for the rest (lengths known on the host)
+        longest = int(seqlens.max())
+        keys = torch.arange(longest, device="cuda")
+        last_visible = seqlens[:, None] - q_len + torch.arange(q_len, device="cuda")[None, :]
+        sdpa_mask = (keys[None, None, :] <= last_visible[:, :, None])[:, None]
+        shape = f"b{batch} h{heads}/{kv_heads} d{head_dim} max{max_len} q{q_len} {mode}"
+
+        def record(engine, fn, error=None, shape=shape, read_bytes=read_bytes, caches=caches):
+            ms = graph_median_ms(lambda i: fn(*caches[i]), copies=len(caches))
+            gbps = read_bytes / ms / 1e6
+            rows.append(Row("decode-attention", shape, engine, "bfloat16", ms, gbps, "KV GB/s",
+                            gbps / ceilings["copy_gb_per_s"], error))
+
+        ours = lambda k, v: ops.decode_attention(q, k, v, seqlens)  # noqa: B023
+        error = None
+        if batch * max_len <= 2**15:
+            k, v = caches[0]
+            ref = reference.decode_attention(q.float(), k.float(), v.float(), seqlens, head_dim**-0.5)
+            error = relative_error(ours(k, v), ref)
+        record("tritonize", ours, error)
+        record("sdpa-masked", lambda k, v: F.scaled_dot_product_attention(  # noqa: B023
+            q, k[:, :, :longest], v[:, :, :longest], attn_mask=sdpa_mask, enable_gqa=True))  # noqa: B023
+    return rows
+
+
+# -- gated MLP ------------------------------------------------------------------------------------
+
+
+def gated_mlp_cases(quick: bool) -> Iterator[tuple[str, int, int, int]]:
+    """(family, M, intermediate, hidden): decode rows stream the weight, prefill rows are compute-bound."""
+    models = (("llama-1b", 8192, 2048),) if quick else (("llama-1b", 8192, 2048), ("llama-8b", 14336, 4096))
+    for family, intermediate, hidden in models:
+        for m in (1, 16, 4096) if quick else (1, 4, 16, 1024, 4096):
+            yield family, m, intermediate, hidden
+
+
+def bench_gated_mlp(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
+    """SwiGLU from the concatenated weight against two cuBLAS linears (or one on the same weight) + silu * mul."""
+    rows = []
+    dtype = torch.float16
+    for family, m, intermediate, hidden in gated_mlp_cases(quick):
+        x = torch.randn(m, hidden, device="cuda", dtype=dtype)
+        weight_bytes = 2 * intermediate * hidden * dtype.itemsize
+        weights = [torch.randn(2 * intermediate, hidden, device="cuda", dtype=dtype) / math.sqrt(hidden)
+                   for _ in range(copies_beyond_l2(weight_bytes))]
+        shape = f"{family} M{m} I{intermediate} H{hidden} silu"
+        flops = 2 * m * 2 * intermediate * hidden
+
+        def record(engine, fn, error=None, shape=shape, m=m, flops=flops, weight_bytes=weight_bytes,
+                   weights=weights):
+            ms = graph_median_ms(lambda i: fn(weights[i]), copies=len(weights))
+            if m <= 16:  # decode: how fast the weight streams in
+                gbps = weight_bytes / ms / 1e6
+                rows.append(Row("gated-mlp", shape, engine, "float16", ms, gbps, "weight GB/s",
+                                gbps / ceilings["copy_gb_per_s"], error))
+            else:
+                tflops = flops / ms / 1e9
+                rows.append(Row("gated-mlp", shape, engine, "float16", ms, tflops, "TFLOP/s",
+                                tflops / ceilings["matmul_fp16_tflop_per_s"], error))
+
+        def two_linears(w, x=x, n=intermediate):
+            return F.silu(F.linear(x, w[:n])) * F.linear(x, w[n:])
+
+        def one_linear(w, x=x):
+            gate, up = F.linear(x, w).chunk(2, dim=-1)
+            return F.silu(gate) * up
+
+        ours = lambda w: ops.gated_mlp(x, w, activation="silu")  # noqa: B023
+        error = relative_error(ours(weights[0]), reference.gated_mlp(x.float(), weights[0].float(), None, "silu"))
+        record("tritonize", ours, error)
+        record("cublas-2-linears+silu*mul", two_linears)
+        record("cublas-concat-linear+silu*mul", one_linear)
+    return rows
+
+
+# -- rotary embeddings ----------------------------------------------------------------------------
+
+
+def rotary_cases(quick: bool) -> Iterator[tuple[int, int, bool]]:
+    """(batch, seq, interleaved) for Llama-1B attention: 32 heads, 8 kv heads, head_dim 64."""
+    for batch, seq in ((8, 2048), (64, 1)) if quick else ((1, 2048), (8, 512), (8, 2048), (8, 1), (64, 1)):
+        for interleaved in (False, True):
+            yield batch, seq, interleaved
+
+
+def bench_rotary(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
+    """GB/s over q and k read and written plus cos and sin read, against HF's apply_rotary_pos_emb in eager
+    torch (half rotation; its interleaved row times the same HF function, GPT-J's layout costs the same)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rows = []
+    dtype, heads, kv_heads, head_dim = torch.bfloat16, 32, 8, 64
+    for batch, seq, interleaved in rotary_cases(quick):
+        # q, k as HF makes them: projections viewed [batch, seq, heads, head_dim], then transposed
+        qk_bytes = batch * seq * (heads + kv_heads) * head_dim * dtype.itemsize
+        inputs = [(torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype).transpose(1, 2),
+                   torch.randn(batch, seq, kv_heads, head_dim, device="cuda", dtype=dtype).transpose(1, 2))
+                  for _ in range(copies_beyond_l2(2 * qk_bytes))]
+        angles = torch.rand(batch, seq, head_dim, device="cuda") * 100
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        moved = 2 * qk_bytes + 2 * cos.numel() * dtype.itemsize
+        shape = f"b{batch} s{seq} h{heads}/{kv_heads} d{head_dim} {'interleaved' if interleaved else 'half'}"
+
+        def record(engine, fn, error=None, shape=shape, moved=moved, inputs=inputs):
+            ms = graph_median_ms(lambda i: fn(*inputs[i]), copies=len(inputs))
+            gbps = moved / ms / 1e6
+            rows.append(Row("rotary", shape, engine, "bfloat16", ms, gbps, "GB/s", gbps / ceilings["copy_gb_per_s"],
+                            error))
+
+        ours = lambda q, k: ops.rotary(q, k, cos, sin, interleaved=interleaved)  # noqa: B023
+        q, k = inputs[0]
+        ref = reference.rotary(q.float(), k.float(), cos.float(), sin.float(), interleaved)
+        error = relative_error(torch.cat([t.flatten() for t in ours(q, k)]), torch.cat([t.flatten() for t in ref]))
+        record("tritonize", ours, error)
+        record("hf-eager", lambda q, k: apply_rotary_pos_emb(q, k, cos, sin))  # noqa: B023
+    return rows
+
+
 def run(parts: tuple[str, ...], quick: bool, sweep: bool, progress: Callable[[str], None] = print) -> dict:
     ceilings = measure_ceilings()
     progress(f"ceilings: {ceilings}")
-    benches = {"attention": bench_attention, "linear": bench_linear, "norm": bench_norms}
+    benches = {"attention": bench_attention, "linear": bench_linear, "norm": bench_norms,
+               "decode-attention": bench_decode_attention,
+               "gated-mlp": bench_gated_mlp, "rotary": bench_rotary}
     sweeps = {"attention": sweep_attention, "linear": sweep_linear}
     rows: list[Row] = []
     for part in parts:

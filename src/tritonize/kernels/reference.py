@@ -138,3 +138,93 @@ def rms_norm(
     else:
         y = normed.to(x.dtype).to(dtype) * weight.to(dtype)
     return y.to(x.dtype), h.to(x.dtype)
+
+
+# -- rotary embeddings (written as HF's apply_rotary_pos_emb) ----------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """cat(-x2, x1) over the halves x1, x2 of the last dim (Llama, GPT-NeoX)."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(-x[2i+1], x[2i]) for each pair of the last dim (GPT-J)."""
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q * cos + rotate(q) * sin, the same for k) over the first rotary_dim dims; the rest pass through.
+
+    q: [batch, heads, seq, head_dim]; k: [batch, kv_heads, seq, head_dim]; cos, sin: [batch or 1, seq,
+    rotary_dim], rotary_dim even and <= head_dim. Half-rotation (interleaved=False, Llama/NeoX): rotate is
+    rotate_half and cos/sin are HF's cat(freqs, freqs).cos() (halves repeated). Interleaved (GPT-J): rotate
+    is rotate_every_two and cos/sin hold each frequency twice in a row (GPT-J's duplicate_interleave,
+    cos[..., 2i] == cos[..., 2i + 1]). Computed in at least fp32, returned in q's dtype.
+    """
+    dtype = _compute_dtype(q.dtype)
+    rotate = rotate_every_two if interleaved else rotate_half
+    rotary_dim = cos.shape[-1]
+    cos = cos.to(dtype).unsqueeze(1)
+    sin = sin.to(dtype).unsqueeze(1)
+
+    def apply(x):
+        x = x.to(dtype)
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        x_embed = (x_rot * cos) + (rotate(x_rot) * sin)
+        return torch.cat((x_embed, x_pass), dim=-1).to(q.dtype)
+
+    return apply(q), apply(k)
+
+
+# -- gated MLP ----------------------------------------------------------------------------------------
+
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # SwiGLU, GeGLU (erf), GeGLU (tanh)
+
+
+def gated_mlp(
+    x: torch.Tensor, gate_up_weight: torch.Tensor, bias: torch.Tensor | None = None, activation_name: str = "silu"
+) -> torch.Tensor:
+    """act(x @ W_gate^T + b_gate) * (x @ W_up^T + b_up) with gate_up_weight = cat([W_gate, W_up], dim=0)
+    [2 * intermediate, hidden] and bias = cat([b_gate, b_up]); accumulated in at least fp32."""
+    dtype = _compute_dtype(x.dtype)
+    y = torch.matmul(x.to(dtype), gate_up_weight.to(dtype).t())
+    if bias is not None:
+        y = y + bias.to(dtype)
+    gate, up = y.chunk(2, dim=-1)
+    return (activation(gate, activation_name) * up).to(x.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of q_len new tokens against each sequence's valid cache positions; empty rows give zeros.
+
+    q: [batch, heads, q_len, head_dim]; k_cache, v_cache: [batch, kv_heads, max_len, head_dim].
+    Sequence b holds keys [key_start[b], cache_seqlens[b]) (lengths clamped to max_len), the last q_len
+    of them being the new tokens: query i sits at position seqlen - q_len + i and sees keys up to it.
+    """
+    max_len = k_cache.shape[2]
+    seqlens = cache_seqlens.tolist()
+    starts = [0] * len(seqlens) if key_start is None else key_start.tolist()
+    rows = []
+    for b, (seqlen, start) in enumerate(zip(seqlens, starts, strict=True)):
+        seqlen = min(max(seqlen, 0), max_len)
+        if seqlen == 0:
+            rows.append(torch.zeros_like(q[b : b + 1]))
+            continue
+        attend = torch.arange(seqlen, device=q.device) >= start
+        rows.append(attention(q[b : b + 1], k_cache[b : b + 1, :, :seqlen], v_cache[b : b + 1, :, :seqlen],
+                              scale, causal=True, key_padding_mask=attend[None, :]))
+    return torch.cat(rows)
