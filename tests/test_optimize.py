@@ -106,6 +106,17 @@ def test_refuses_bad_use(device):
         tritonize.report(torch.nn.Linear(2, 2))
 
 
+def test_optimized_without_no_grad(device):
+    """Called outside no_grad/inference_mode the rewritten graph still runs (no autograd recorded)."""
+    reference, model = model_pair("bert", device)
+    tritonize.optimize_model(model)
+    ids = torch.randint(3, 100, (2, 9), device=device)
+    got = model(ids).last_hidden_state
+    assert not got.requires_grad
+    assert_close(got, reference(ids).last_hidden_state.detach(), torch.float32, scale=10)
+    assert tritonize.report(model).replaced["linear"] >= 12
+
+
 class PlainBlock(torch.nn.Module):
     """A custom model built from the same blocks: Linear + GELU + residual, then LayerNorm."""
 
@@ -152,3 +163,21 @@ def test_bench_cli_checks_accuracy_without_gpu(capsys):
 
     assert main(["bench", "--model", "minilm"]) == 0
     assert "Timings need a CUDA GPU" in capsys.readouterr().out
+
+
+class NotCapturable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    @torch._dynamo.disable
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_forward_dynamo_cannot_capture_is_reported(device):
+    model = NotCapturable().eval().to(device)
+    tritonize.optimize_model(model)
+    x = torch.randn(2, 3, 8, device=device)
+    torch.testing.assert_close(model(x), model.fc(x).detach())
+    assert any("ran the forward eagerly" in reason for _, reason in tritonize.report(model).fallbacks)

@@ -21,6 +21,11 @@ from tritonize.runtime.cuda_graphs import BucketedRunner, VerificationError
 __all__ = ["optimize_model", "report", "VerificationError"]
 
 DEFAULT_MAX_SEQ_LEN = 512  # for models whose config names no maximum
+# TorchDynamo keeps at most `recompile_limit` compiled versions per code object (8 by default) and
+# then runs it eagerly, silently: every optimized instance of a model class and every shape change
+# counts, so a process optimizing several models of one class would lose the kernels. Raised (never
+# lowered) by optimize_model; the one process-wide setting tritonize touches.
+MIN_RECOMPILE_LIMIT = 64
 # End-to-end tolerance of verify mode: the kernels' per-op tolerance, compounded over the layers.
 VERIFY_TOLERANCE_FACTOR = 20
 
@@ -38,6 +43,14 @@ def _target(model: torch.nn.Module) -> torch.nn.Module:
             raise TypeError(f"tritonize: this SentenceTransformer's first module {type(first).__name__} holds no model")
         return inner
     return model
+
+
+def _raise_recompile_limit() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MIN_RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
+                                                    4 * MIN_RECOMPILE_LIMIT)
 
 
 def _leaves(out, prefix: str = "output"):
@@ -88,6 +101,7 @@ def optimize_model(
     if parameter is None:
         raise ValueError(f"{type(target).__name__} has no parameters to run on a device")
 
+    _raise_recompile_limit()
     found = Report()
     previous_attention = use_tritonize_attention(target, found)
     original_forward = target.forward
@@ -118,11 +132,17 @@ def optimize_model(
             raise VerificationError(f"tritonize verify: {worst[0]} differs from the original model by relative "
                                     f"error {worst[1]:.3e} > {limit:.1e}; report: {found.fallbacks or 'no fallbacks'}")
 
+    def check_capture() -> None:
+        if found.graphs == 0:
+            found.fall_back(type(target).__name__, "TorchDynamo ran the forward eagerly: no graph reached the "
+                            "tritonize backend (a graph break everywhere, or its recompile limit)")
+
     on_cuda = parameter.is_cuda
     runner = BucketedRunner(
         compiled, original_forward, signature, shape_buckets,
         cuda_graphs=cuda_graphs and on_cuda, copy_outputs=copy_outputs,
         verify=check_against_original if verify else None,
+        after_new_bucket=check_capture,
         mask_name="attention_mask" if "attention_mask" in signature.parameters else None,
         device=parameter.device,
         pool=torch.cuda.graph_pool_handle() if cuda_graphs and on_cuda else None,

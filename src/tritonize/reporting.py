@@ -30,6 +30,12 @@ class Report:
         with self._lock:
             return sum(self._per_graph.values(), Counter(self._direct))
 
+    @property
+    def graphs(self) -> int:
+        """How many distinct captured graphs the tritonize backend has rewritten."""
+        with self._lock:
+            return len(self._per_graph)
+
     def record(self, kind: str, count: int = 1) -> None:
         with self._lock:
             self._direct[kind] += count

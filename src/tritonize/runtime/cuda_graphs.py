@@ -41,7 +41,8 @@ class BucketedRunner:
 
     sequence_inputs: names of the [batch, seq, ...] tensor arguments padded along dims 0 and 1;
     `mask_name` (if the model takes an attention mask) is created as ones for the real tokens when the
-    caller gives none, so padding never reaches the real outputs.
+    caller gives none, so padding never reaches the real outputs. Runs without autograd (outputs do
+    not require grad), whether or not the caller is inside torch.no_grad / inference_mode.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class BucketedRunner:
         cuda_graphs: bool,
         copy_outputs: bool,
         verify: Callable[[dict, object], None] | None,
+        after_new_bucket: Callable[[], None] | None = None,
         mask_name: str | None,
         device: torch.device,
         pool: object = None,
@@ -61,6 +63,7 @@ class BucketedRunner:
         self.compiled, self.original, self.signature = compiled, original, signature
         self.buckets, self.cuda_graphs, self.copy_outputs = buckets, cuda_graphs, copy_outputs
         self.verify, self.mask_name, self.device = verify, mask_name, device
+        self.after_new_bucket = after_new_bucket
         self.pool = pool
         self.captures = 0
         self._entries: dict[tuple, _Bucket] = {}
@@ -92,7 +95,7 @@ class BucketedRunner:
         static_args = {k: v for k, v in call.items() if k not in tensors and v is not None}
         key = (padded, tuple(sorted(tensors)), tuple(sorted((k, repr(v)) for k, v in static_args.items())))
         padded_inputs = {k: pad_to(v, *padded) for k, v in tensors.items()}
-        with self._lock:
+        with self._lock, torch.no_grad():  # inference only: graphs never record autograd
             entry = self._entries.get(key)
             fresh = entry is None
             if fresh:
@@ -101,6 +104,8 @@ class BucketedRunner:
             out = slice_outputs(out, (batch, seq), padded)
             if self.cuda_graphs and self.copy_outputs:
                 out = clone_outputs(out)
+        if fresh and self.after_new_bucket is not None:
+            self.after_new_bucket()
         if fresh and self.verify is not None:
             self.verify({**static_args, **tensors}, out)
         return out
