@@ -47,15 +47,20 @@ def card_slug(card: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-").replace("--", "-")
 
 
+# Engines that do less work than tritonize (a GEMM without the epilogue tritonize fuses): shown as a
+# ceiling, never the engine tritonize is compared with.
+PARTIAL_ENGINES = ("cublas-linear-only",)
+
+
 def speedups(rows: list[Row]) -> dict[tuple[str, str, str], tuple[float, str]]:
-    """For each (workload, shape, dtype): tritonize's speed-up over the fastest other engine."""
+    """For each (workload, shape, dtype): tritonize's speed-up over the fastest engine doing the same work."""
     groups: dict[tuple[str, str, str], list[Row]] = defaultdict(list)
     for row in rows:
         groups[(row.workload, row.shape, row.dtype)].append(row)
     result = {}
     for key, group in groups.items():
         ours = [r for r in group if r.engine == "tritonize"]
-        others = [r for r in group if r.engine != "tritonize"]
+        others = [r for r in group if r.engine != "tritonize" and r.engine not in PARTIAL_ENGINES]
         if ours and others:
             best = min(others, key=lambda r: r.median_ms)
             result[key] = (best.median_ms / ours[0].median_ms, best.engine)
@@ -81,8 +86,35 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def plot_speedups(rows: list[Row], path: Path, title: str) -> bool:
+    """A PNG of tritonize's speed-up over the fastest other engine per shape; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ratios = speedups(rows)
+    if not ratios:
+        return False
+    labels = [f"{workload}: {shape} ({dtype})" for workload, shape, dtype in ratios]
+    values = [ratio for ratio, _ in ratios.values()]
+    fig, ax = plt.subplots(figsize=(10, 0.22 * len(labels) + 1.5))
+    ax.barh(range(len(values)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up of tritonize over the fastest engine doing the same work (same process, same card)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_results(name: str, payload: dict, out_dir: Path) -> Path:
-    """Writes <name>-<card>.json and .md under out_dir; returns the JSON path."""
+    """Writes <name>-<card>.json, .md and (with matplotlib) .png under out_dir; returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = provenance()
     rows = payload.pop("rows")
@@ -91,4 +123,5 @@ def write_results(name: str, payload: dict, out_dir: Path) -> Path:
     json_path.write_text(json.dumps({**meta, **payload, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
     header = "\n".join(f"- {k}: {v}" for k, v in {**meta, **payload}.items())
     (out_dir / f"{stem}.md").write_text(f"# {name}\n\n{header}\n\n{markdown_table(rows)}\n")
+    plot_speedups(rows, out_dir / f"{stem}.png", f"{name}, {meta['card']}, {meta['date'][:10]}")
     return json_path
