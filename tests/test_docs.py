@@ -23,3 +23,17 @@ def test_docs_python_block_runs(doc, block):
     finally:  # an example that teaches tritonize a pattern must not leak it into other tests
         for name in set(DEFAULT_REGISTRY.names()) - patterns_before:
             DEFAULT_REGISTRY.unregister(name)
+
+
+COMMANDS = [(doc, line.split("#")[0].split())
+            for doc in DOCS for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S)
+            for line in block.splitlines() if line.startswith("tritonize ")]
+
+
+@pytest.mark.parametrize("doc, argv", COMMANDS, ids=[" ".join(argv[1:3]) for _, argv in COMMANDS])
+def test_docs_tritonize_commands_run(doc, argv):
+    if torch.cuda.is_available() and argv[1].startswith("bench"):
+        pytest.skip("benchmarks run for minutes on a GPU")
+    from tritonize.cli import main
+
+    assert main(argv[1:]) == 0, f"{doc.name}: {' '.join(argv)}"
