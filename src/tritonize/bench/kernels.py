@@ -188,6 +188,18 @@ def sweep_attention(ceilings: dict[str, float]) -> list[Row]:
 
 # -- linear ---------------------------------------------------------------------------------------
 
+
+def weight_stream_row(workload: str, shape: str, engine: str, ms: float, decode: bool, flops: float,
+                      weight_bytes: int, ceilings: dict[str, float], error: float | None) -> Row:
+    """A GEMM's row: weight GB/s against the copy ceiling at decode sizes (the weight read is the cost),
+    TFLOP/s against the matmul ceiling otherwise."""
+    if decode:
+        gbps = weight_bytes / ms / 1e6
+        return Row(workload, shape, engine, "float16", ms, gbps, "weight GB/s", gbps / ceilings["copy_gb_per_s"], error)
+    tflops = flops / ms / 1e9
+    return Row(workload, shape, engine, "float16", ms, tflops, "TFLOP/s",
+               tflops / ceilings["matmul_fp16_tflop_per_s"], error)
+
 TORCH_ACTIVATIONS = {None: lambda y: y, "gelu": F.gelu, "silu": F.silu}
 
 
@@ -224,14 +236,7 @@ def bench_linear(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
         def record(engine, fn, error=None, shape=shape, flops=flops, weight_bytes=weight_bytes, small_m=small_m,
                    weights=weights):
             ms = graph_median_ms(lambda i: fn(weights[i]), copies=len(weights))
-            if small_m:  # decode shapes: what matters is how fast the weight streams in
-                gbps = weight_bytes / ms / 1e6
-                rows.append(Row("linear", shape, engine, "float16", ms, gbps, "weight GB/s",
-                                gbps / ceilings["copy_gb_per_s"], error))
-            else:
-                tflops = flops / ms / 1e9
-                rows.append(Row("linear", shape, engine, "float16", ms, tflops, "TFLOP/s",
-                                tflops / ceilings["matmul_fp16_tflop_per_s"], error))
+            rows.append(weight_stream_row("linear", shape, engine, ms, small_m, flops, weight_bytes, ceilings, error))
 
         ours = lambda w: ops.linear(x, w, b, activation=act, residual=r)  # noqa: B023
         error = relative_error(ours(w), reference.linear(x.float(), w.float(), b.float(), act,
@@ -408,14 +413,8 @@ def bench_gated_mlp(ceilings: dict[str, float], quick: bool = False) -> list[Row
         def record(engine, fn, error=None, shape=shape, m=m, flops=flops, weight_bytes=weight_bytes,
                    weights=weights):
             ms = graph_median_ms(lambda i: fn(weights[i]), copies=len(weights))
-            if m <= 16:  # decode: how fast the weight streams in
-                gbps = weight_bytes / ms / 1e6
-                rows.append(Row("gated-mlp", shape, engine, "float16", ms, gbps, "weight GB/s",
-                                gbps / ceilings["copy_gb_per_s"], error))
-            else:
-                tflops = flops / ms / 1e9
-                rows.append(Row("gated-mlp", shape, engine, "float16", ms, tflops, "TFLOP/s",
-                                tflops / ceilings["matmul_fp16_tflop_per_s"], error))
+            rows.append(weight_stream_row("gated-mlp", shape, engine, ms, m <= 16, flops, weight_bytes, ceilings,
+                                          error))
 
         def two_linears(w, x=x, n=intermediate):
             return F.silu(F.linear(x, w[:n])) * F.linear(x, w[n:])
