@@ -7,6 +7,7 @@ import torch
 from helpers import assert_close, poisoned
 
 import tritonize
+from tritonize.kernels import attention as attention_kernel
 from tritonize.kernels import reference
 from tritonize.kernels.attention import AttentionConfig, flash_attention_fwd
 
@@ -119,9 +120,27 @@ def test_opcheck(device):
     mask = torch.rand(1, 16, device=device) > 0.5
     torch.library.opcheck(
         torch.ops.tritonize.attention.default,
-        (q, k, v, 0.25, True, mask, None),
+        (q, k, v, 0.25, True, mask, None, False),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_seq_major_output_and_mask_scanned_in_several_steps(dtype, device, monkeypatch):
+    """seq_major=True writes [batch, q_len, heads, head_dim]; the kernel finds each row's attended key
+    range in MAX_SCAN_BLOCK steps (2 steps of 16 here), with holes inside the range."""
+    monkeypatch.setattr(attention_kernel, "MAX_SCAN_BLOCK", 16)
+    q, k, v = make_qkv(3, 2, 1, 9, 27, 32, dtype, device)
+    mask = torch.rand(3, 27, device=device) > 0.3
+    mask[0, :20] = False  # attended keys only in the second scan step
+    mask[1, 5:] = False  # only in the first
+    scale = 0.2
+    out = tritonize.ops.attention(q, k, v, scale=scale, key_padding_mask=mask, seq_major=True)
+    assert out.shape == (3, 9, 2, 32) and out.is_contiguous()
+    expected = gold(q, k, v, scale, key_padding_mask=mask).transpose(1, 2)
+    assert_close(out, expected, dtype)
+    with pytest.raises(TypeError, match="seq_major"):
+        tritonize.ops.attention(q, k, v, seq_major=1)
 
 
 def test_zero_length_keys_give_zeros(device):

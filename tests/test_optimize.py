@@ -64,6 +64,7 @@ def test_buckets_cover_many_lengths_without_recompiling(device):
             assert got.last_hidden_state.shape == (2, seq, 32)
             assert_close(got.last_hidden_state, reference(ids).last_hidden_state, torch.float32, scale=10)
     assert len(runner._entries) == 3  # sequence buckets 16, 32, 64 at batch bucket 2
+    assert tritonize.report(model).compiles == 1  # traced once with dynamic shapes: new buckets only capture
     with pytest.raises(ValueError, match="sequence length 65 exceeds"):
         model(torch.randint(3, 100, (1, 65), device=device))
 

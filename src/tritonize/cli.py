@@ -83,12 +83,18 @@ def _bench_model(args: argparse.Namespace) -> int:
         return 0 if error < 1e-3 else 1
     from tritonize.bench.report import markdown_table, write_results
 
-    payload = models.run(args.model, max_autotune=args.max_autotune)
+    payload = models.run(args.model, max_autotune=args.max_autotune, tune=args.tune, engines_wanted=args.engines)
     rows = payload["rows"]
     path = write_results(f"bench-{args.model}", payload, Path(args.out))
     print(markdown_table(rows))
     print(f"\nwrote {path} and {path.with_suffix('.md')}")
     return 0
+
+
+def models_engines() -> tuple[str, ...]:
+    from tritonize.bench.models import ENGINES
+
+    return ENGINES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                              help="minilm (real all-MiniLM-L6-v2, default), bert-base, roberta-base, distilbert, "
                                   "electra-base or xlm-roberta-base (random weights)")
     model_bench.add_argument("--max-autotune", action="store_true", help="also time compile mode max-autotune")
+    model_bench.add_argument("--engines", nargs="+", choices=models_engines(),
+                             help="time only these engines (default: all; max-autotune with --max-autotune)")
+    model_bench.add_argument("--tune", action="store_true",
+                             help="optimize_model(tune=True): time kernel configs on each new shape first and "
+                                  "store the fastest in the tuning cache ($TRITONIZE_TUNING_CACHE)")
     model_bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON and Markdown results")
     model_bench.set_defaults(handler=_bench_model)
     debug = sub.add_parser("debug", help="run one kernel bounds-checked on CPU and compare it with its reference",

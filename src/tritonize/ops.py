@@ -8,22 +8,28 @@ plain-PyTorch reference does. Bad input raises TypeError or ValueError here, bef
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
 
+from tritonize import tuning
 from tritonize.kernels import reference
 from tritonize.kernels.attention import flash_attention_fwd
 from tritonize.kernels.common import INTERPRETED
 from tritonize.kernels.decode_attention import decode_attention_fwd
 from tritonize.kernels.gated_mlp import gated_mlp_fwd
-from tritonize.kernels.linear import linear_fwd
+from tritonize.kernels.linear import LinearConfig, linear_fwd, time_linear_configs, tuning_candidates
 from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
 from tritonize.kernels.rotary import rotary_fwd
 
 __all__ = ["attention", "linear", "layer_norm", "rms_norm", "rotary", "gated_mlp", "concat_gate_up", "decode_attention",
            "SUPPORTED_DTYPES"]
+
+logger = logging.getLogger("tritonize")
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -74,15 +80,23 @@ def _attention_op(
     causal: bool,
     key_padding_mask: torch.Tensor | None,
     bias: torch.Tensor | None,
+    seq_major: bool,
 ) -> torch.Tensor:
-    if _runs_triton(q):
+    if not _runs_triton(q):
+        out = reference.attention(q, k, v, scale, causal, key_padding_mask, bias)
+        return out.transpose(1, 2).contiguous() if seq_major else out
+    if not seq_major:
         return flash_attention_fwd(q, k, v, scale, causal, key_padding_mask, bias)
-    return reference.attention(q, k, v, scale, causal, key_padding_mask, bias)
+    batch, heads, q_len, head_dim = q.shape
+    out = torch.empty((batch, q_len, heads, head_dim), dtype=q.dtype, device=q.device)
+    flash_attention_fwd(q, k, v, scale, causal, key_padding_mask, bias, out=out.transpose(1, 2))
+    return out
 
 
 @_attention_op.register_fake
-def _(q, k, v, scale, causal, key_padding_mask, bias):
-    return q.new_empty(q.shape)
+def _(q, k, v, scale, causal, key_padding_mask, bias, seq_major):
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty((batch, q_len, heads, head_dim) if seq_major else q.shape)
 
 
 def attention(
@@ -94,6 +108,7 @@ def attention(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    seq_major: bool = False,
 ) -> torch.Tensor:
     """Flash attention forward: softmax(q @ k^T * scale + bias, masked) @ v.
 
@@ -102,7 +117,10 @@ def attention(
     causal: query i sees keys j <= i + kv_len - q_len (aligned to the end).
     key_padding_mask: bool [batch, kv_len], True = attend. bias: additive, broadcastable to
     [batch, heads, q_len, kv_len] (T5 position bias, ALiBi). A query row whose keys are all masked
-    gives zeros. Returns a contiguous [batch, heads, q_len, head_dim] tensor in q's dtype.
+    gives zeros. Returns a contiguous [batch, heads, q_len, head_dim] tensor in q's dtype, or with
+    seq_major=True a contiguous [batch, q_len, heads, head_dim] one, written in that layout by the
+    kernel (what transformer blocks reshape to [batch, q_len, hidden] for the output projection,
+    without a transpose copy).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, ndim=4)
@@ -144,7 +162,9 @@ def attention(
         scale = 1.0 / math.sqrt(head_dim)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    return _attention_op(q, k, v, float(scale), bool(causal), key_padding_mask, bias)
+    if not isinstance(seq_major, bool):
+        raise TypeError(f"seq_major must be a bool, got {type(seq_major).__name__}")
+    return _attention_op(q, k, v, float(scale), bool(causal), key_padding_mask, bias, seq_major)
 
 
 # -- linear ---------------------------------------------------------------------------------------
@@ -163,10 +183,37 @@ def _linear_op(
     x2d = x.reshape(-1, x.shape[-1])
     res2d = None if residual is None else residual.reshape(-1, weight.shape[0])
     if _runs_triton(x):
-        out = linear_fwd(x2d, weight, bias, act, res2d)
+        out = linear_fwd(x2d, weight, bias, act, res2d, config=_tuned_linear_config(x2d, weight, bias, act, res2d))
     else:
         out = reference.linear(x2d, weight, bias, act, res2d)
     return out.reshape(out_shape)
+
+
+@functools.cache
+def _card(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "triton-interpreter"
+
+
+def _tuned_linear_config(x2d, weight, bias, activation, residual) -> LinearConfig | None:
+    """The tuning cache's config for this shape class (M rounded up to a power of two), timing the
+    candidates first on a miss under `tuning.autotuning()` (CUDA only, never while capturing a graph);
+    None: the kernel's shape heuristic."""
+    (M, K), N = x2d.shape, weight.shape[0]
+    card = _card(x2d.device)
+    key = (f"M{max(16, 1 << (M - 1).bit_length())} N{N} K{K} {str(x2d.dtype).removeprefix('torch.')} "
+           f"{activation or 'none'} bias={bias is not None} residual={residual is not None}")
+    entry = tuning.cache().get("linear", card, key)
+    if entry is not None:
+        return LinearConfig(**entry)
+    if not (tuning.is_autotuning() and x2d.is_cuda) or torch.cuda.is_current_stream_capturing():
+        return None
+    timed = time_linear_configs(x2d, weight, bias, activation, residual,
+                                tuning_candidates(M, N, K, x2d.dtype, x2d.device))
+    (best, best_ms), (_, heuristic_ms) = min(timed, key=lambda pair: pair[1]), timed[0]
+    tuning.cache().put("linear", card, key, dataclasses.asdict(best))
+    logger.info("tritonize: tuned linear %s: %s %.4f ms (shape heuristic %.4f ms), %d configs timed",
+                key, best, best_ms, heuristic_ms, len(timed))
+    return best
 
 
 @_linear_op.register_fake

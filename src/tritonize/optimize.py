@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tritonize import tuning
 from tritonize.kernels.reference import RELATIVE_TOLERANCE
 from tritonize.passes.hf_attention import set_attention_implementation, use_tritonize_attention
 from tritonize.reporting import Report
@@ -45,6 +46,28 @@ def _target(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _dynamic_batch_and_seq(forward):
+    """Traces with symbolic batch and sequence sizes from the first call, so one graph serves every
+    bucket (a new bucket costs a CUDA-graph capture, not a recompile). Sizes 0 and 1 stay specialized
+    (TorchDynamo's rule): batch 1 and batches above 1 are one trace each."""
+    def forward_with_dynamic_shapes(**inputs):
+        for value in inputs.values():
+            if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+                torch._dynamo.maybe_mark_dynamic(value, 1)
+        return forward(**inputs)
+
+    return forward_with_dynamic_shapes
+
+
+def _autotuned(forward):
+    def forward_with_autotuning(*args, **kwargs):
+        with tuning.autotuning():
+            return forward(*args, **kwargs)
+
+    return forward_with_autotuning
+
+
 def _raise_recompile_limit() -> None:
     import torch._dynamo.config as dynamo_config
 
@@ -73,6 +96,7 @@ def optimize_model(
     verify: bool = False,
     copy_outputs: bool = True,
     tolerance: float | None = None,
+    tune: bool = False,
 ) -> torch.nn.Module:
     """Makes `model` run on tritonize's fused Triton kernels; returns the same object, optimized in place.
 
@@ -82,7 +106,9 @@ def optimize_model(
     call of every bucket against the original model and raise VerificationError past `tolerance`
     (relative error; default 20x the kernels' per-dtype tolerance). copy_outputs=False returns the
     graph's own output buffers, which the next call overwrites (faster, for callers that consume
-    outputs at once). Calls from several threads are serialized.
+    outputs at once). tune: on the first call of each bucket, time the candidate configs of every
+    kernel launch the tuning cache does not know yet and store the fastest (seconds per new shape;
+    later processes reuse them, see tritonize.tuning). Calls from several threads are serialized.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize_model takes a torch.nn.Module, got {type(model).__name__}")
@@ -106,7 +132,9 @@ def optimize_model(
     previous_attention = use_tritonize_attention(target, found)
     original_forward = target.forward
     signature = inspect.signature(original_forward)
-    compiled = torch.compile(original_forward, backend=tritonize_backend(found))
+    compiled = _dynamic_batch_and_seq(torch.compile(original_forward, backend=tritonize_backend(found)))
+    if tune:
+        compiled = _autotuned(compiled)
     config = getattr(target, "config", None)
     max_seq_len = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
     shape_buckets = (ShapeBuckets.from_user(buckets, max_seq_len) if buckets is not None

@@ -21,6 +21,7 @@ class Report:
 
     fallbacks: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    compiles: int = 0  # graphs TorchDynamo handed to the backend (each one a trace and a rewrite)
     _direct: Counter = field(default_factory=Counter, repr=False)
     _per_graph: dict[str, Counter] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -44,6 +45,7 @@ class Report:
         """The replacements made in one captured graph, identified by its structure (ops, not shapes)."""
         with self._lock:
             self._per_graph[structure] = Counter(counts)
+            self.compiles += 1
 
     def fall_back(self, node: str, reason: str) -> None:
         with self._lock:

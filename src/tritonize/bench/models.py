@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -85,8 +87,59 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def run(model_name: str, shapes=SHAPES, max_autotune: bool = False, progress=print) -> dict:
-    """Benchmarks every engine at every shape on the GPU; returns {"rows": [...], ...}."""
+def first_call_seconds(model_name: str, batch: int = 1, seq: int = 16) -> float:
+    """Seconds from optimize_model to the first output of a fresh fp16 model on the GPU (this process)."""
+    model, make_inputs = build_model(model_name, "sdpa")
+    model = model.to("cuda", torch.float16)
+    inputs = {k: v.cuda() for k, v in make_inputs(batch, seq).items()}
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    optimize_model(model)
+    with torch.inference_mode():
+        model(**inputs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def first_call_in_new_process(model_name: str) -> float:
+    """first_call_seconds in a new Python process: what a restarted server pays with warm caches on disk
+    (Triton's compiled kernels, tritonize's tuning cache), the process's own imports excluded."""
+    code = ("import json, sys; from tritonize.bench.models import first_call_seconds; "
+            f"print(json.dumps(first_call_seconds({model_name!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def many_lengths(model_name: str, calls: int = 50, seed: int = 0) -> dict:
+    """A fresh optimized fp16 model called at batch 1 with `calls` random lengths in 1..512: CUDA-graph
+    captures, TorchDynamo compiles and the slowest first call of a new bucket after the first one."""
+    model, make_inputs = build_model(model_name, "sdpa")
+    model = optimize_model(model.to("cuda", torch.float16))
+    runner = model._tritonize_runner
+    lengths = torch.randint(1, 513, (calls,), generator=torch.Generator().manual_seed(seed)).tolist()
+    new_bucket_seconds = []
+    with torch.inference_mode():
+        for length in lengths:
+            inputs = {k: v.cuda() for k, v in make_inputs(1, length).items()}
+            captures = runner.captures
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(**inputs)
+            torch.cuda.synchronize()
+            if runner.captures > captures:
+                new_bucket_seconds.append(time.perf_counter() - start)
+    return {"calls": calls, "captures": runner.captures, "compiles": model._tritonize_report.compiles,
+            "first_bucket_s": new_bucket_seconds[0], "slowest_later_bucket_s": max(new_bucket_seconds[1:], default=0.0)}
+
+
+ENGINES = ("hf-eager", "hf-sdpa", "compile-default", "compile-reduce-overhead", "compile-max-autotune", "tritonize")
+
+
+def run(model_name: str, shapes=SHAPES, max_autotune: bool = False, tune: bool = False,
+        engines_wanted: tuple[str, ...] | None = None, progress=print) -> dict:
+    """Benchmarks every engine at every shape on the GPU; returns {"rows": [...], ...}.
+    tune: optimize_model(tune=True), filling the tuning cache on the first call of each shape.
+    engines_wanted: a subset of ENGINES (default: all but compile-max-autotune unless max_autotune)."""
     device, dtype = "cuda", torch.float16
     reference, make_inputs = build_model(model_name, "eager")
     reference = reference.to(device)  # fp32 eager: the accuracy reference
@@ -101,9 +154,9 @@ def run(model_name: str, shapes=SHAPES, max_autotune: bool = False, progress=pri
     engines["compile-reduce-overhead"] = torch.compile(copy.deepcopy(sdpa16), mode="reduce-overhead")
     if max_autotune:
         engines["compile-max-autotune"] = torch.compile(copy.deepcopy(sdpa16), mode="max-autotune")
-    start = time.perf_counter()
-    engines["tritonize"] = optimize_model(copy.deepcopy(sdpa16))
-    progress(f"optimize_model: {time.perf_counter() - start:.2f} s")
+    engines["tritonize"] = optimize_model(copy.deepcopy(sdpa16), tune=tune)
+    if engines_wanted is not None:
+        engines = {name: model for name, model in engines.items() if name in engines_wanted}
     rows = []
     with torch.inference_mode():
         for batch, seq in shapes:
@@ -122,7 +175,11 @@ def run(model_name: str, shapes=SHAPES, max_autotune: bool = False, progress=pri
                                 batch * seq / ms * 1e3, "tokens/s", None, error, warmup_s))
                 progress(f"  b{batch} s{seq} {engine:26s} {ms:8.3f} ms  first call {warmup_s:6.2f} s  "
                          f"error {error:.1e}")
-    return {"rows": rows, "model": model_name}
+    lengths = many_lengths(model_name)
+    progress(f"50 random lengths at batch 1: {lengths}")
+    warm = first_call_in_new_process(model_name)
+    progress(f"first call in a new process with warm caches: {warm:.2f} s")
+    return {"rows": rows, "model": model_name, "many_lengths": lengths, "new_process_first_call_s": warm}
 
 
 def accuracy_on_cpu(model_name: str, batch: int = 2, seq: int = 12) -> float:

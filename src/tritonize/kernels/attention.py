@@ -92,7 +92,7 @@ def _attend_key_range(
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr, Out_ptr, Bias_ptr, Kpm_ptr, KvStart_ptr, KvEnd_ptr,
+    Q_ptr, K_ptr, V_ptr, Out_ptr, Bias_ptr, Kpm_ptr,
     q_batch_stride, q_head_stride, q_seq_stride, q_dim_stride,
     k_batch_stride, k_head_stride, k_seq_stride, k_dim_stride,
     v_batch_stride, v_head_stride, v_seq_stride, v_dim_stride,
@@ -101,16 +101,16 @@ def _attention_fwd_kernel(
     kpm_batch_stride, kpm_stride,
     heads, kv_group, q_len, kv_len, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, SCAN_BLOCK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Out[b, h, m, :] = softmax(Q K^T * scale + Bias, masked) V for BLOCK_M rows m of one (b, h).
 
     Q_ptr: [batch, heads, q_len, HEAD_DIM]; K_ptr, V_ptr: [batch, heads // kv_group, kv_len, HEAD_DIM];
     Out_ptr: [batch, heads, q_len, HEAD_DIM] (last dim contiguous); Bias_ptr: [batch, heads, q_len,
-    kv_len] with zero strides where broadcast; Kpm_ptr: uint8 [batch, kv_len], nonzero = attend;
-    KvStart_ptr / KvEnd_ptr: int32 [batch], the first and one past the last attended key.
-    All strides are in elements. scale_log2 is scale * log2(e).
+    kv_len] with zero strides where broadcast; Kpm_ptr: uint8 [batch, kv_len], nonzero = attend.
+    Out may be a permuted view (e.g. [batch, q_len, heads, HEAD_DIM] memory). All strides are in
+    elements. scale_log2 is scale * log2(e).
     """
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -133,9 +133,14 @@ def _attention_fwd_kernel(
     # -- the key range this block must visit --
     kv_lo = 0
     kv_hi = kv_len
-    if HAS_KPM:
-        kv_lo = tl.load(KvStart_ptr + off_b)
-        kv_hi = tl.load(KvEnd_ptr + off_b)
+    if HAS_KPM:  # from the first to one past the last attended key: the padding outside is skipped
+        kv_lo = kv_len
+        kv_hi = 0
+        for scan_start in range(0, kv_len, SCAN_BLOCK):
+            offs_scan = scan_start + tl.arange(0, SCAN_BLOCK)
+            attend = tl.load(kpm_base + offs_scan * kpm_stride, mask=offs_scan < kv_len, other=0) != 0
+            kv_lo = tl.minimum(kv_lo, tl.min(tl.where(attend, offs_scan, kv_len), 0))
+            kv_hi = tl.maximum(kv_hi, tl.max(tl.where(attend, offs_scan + 1, 0), 0))
     causal_offset = kv_len - q_len
     unmasked_hi = kv_hi
     if CAUSAL:
@@ -175,6 +180,7 @@ _CONFIGS_16BIT = {64: AttentionConfig(128, 64, 8, 4), 128: AttentionConfig(128, 
                   256: AttentionConfig(64, 64, 4, 3)}
 _SHORT_QUERY_CONFIG = AttentionConfig(64, 64, 4, 3)  # up to SHORT_QUERY_LEN rows: more, lighter programs
 SHORT_QUERY_LEN = 1024
+MAX_SCAN_BLOCK = 1024  # mask bytes read per step while a program looks for its attended key range
 _CONFIGS_FP32 = {64: AttentionConfig(128, 64, 8, 2), 128: AttentionConfig(64, 32, 8, 2),
                  256: AttentionConfig(32, 32, 4, 1)}
 
@@ -188,15 +194,6 @@ def default_config(head_dim: int, q_len: int, dtype: torch.dtype) -> AttentionCo
     if q_len <= SHORT_QUERY_LEN:
         return _SHORT_QUERY_CONFIG
     return _CONFIGS_16BIT[max(64, triton.next_power_of_2(head_dim))]
-
-
-def key_range(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per batch row, the first attended key and one past the last (int32; kv_len, 0 if none)."""
-    kv_len = key_padding_mask.shape[1]
-    positions = torch.arange(kv_len, device=key_padding_mask.device, dtype=torch.int32)
-    start = torch.where(key_padding_mask, positions, kv_len).amin(dim=1).to(torch.int32)
-    end = torch.where(key_padding_mask, positions + 1, 0).amax(dim=1).to(torch.int32)
-    return start, end
 
 
 def flash_attention_fwd(
@@ -226,25 +223,24 @@ def flash_attention_fwd(
         bias = bias.expand(batch, heads, q_len, kv_len)
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     if has_kpm:
-        kv_start, kv_end = key_range(key_padding_mask)
         kpm = key_padding_mask.view(torch.uint8)
         kpm_strides = kpm.stride()
-    else:  # the kernel never reads these pointers; any tensor stands in
-        kv_start = kv_end = kpm = q
+    else:  # the kernel never reads this pointer; any tensor stands in
+        kpm = q
         kpm_strides = (0, 0)
     if bias is None:
         bias = q
 
     grid = (triton.cdiv(q_len, config.block_m), batch * heads)
     _attention_fwd_kernel[grid](
-        q, k, v, out, bias, kpm, kv_start, kv_end,
+        q, k, v, out, bias, kpm,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         *bias_strides, *kpm_strides,
         heads, heads // kv_heads, q_len, kv_len, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=causal, HAS_BIAS=has_bias, HAS_KPM=has_kpm,
-        INPUT_PRECISION=dot_precision(q.dtype),
+        SCAN_BLOCK=min(MAX_SCAN_BLOCK, triton.next_power_of_2(kv_len)), INPUT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

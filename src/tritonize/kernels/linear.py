@@ -15,6 +15,7 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tritonize.kernels.common import INTERPRETED, dot, dot_precision
@@ -336,6 +337,39 @@ def linear_configs(M: int, dtype: torch.dtype = torch.float16) -> list[LinearCon
     return list(dict.fromkeys(_fit(config, dtype.itemsize, SMEM_BUDGET) for config in candidates))
 
 
+def tuning_candidates(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> list[LinearConfig]:
+    """What autotuning times for one shape: the heuristic's pick first, then the sweep's candidates
+    (for decode sizes only the 4-warp ones with 128- or 256-wide K steps, the region the sweeps favour)."""
+    candidates = linear_configs(M, dtype)
+    if M <= SKINNY_MAX_M:
+        candidates = [c for c in candidates if c.num_warps == 4 and c.block_k in (128, 256) and c.block_n >= 32]
+    return list(dict.fromkeys([_pick_config(M, N, K, dtype, device), *candidates]))
+
+
+def time_linear_configs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    candidates: list[LinearConfig],
+) -> list[tuple[LinearConfig, float]]:
+    """(config, median ms) of each candidate that compiles, timed on these tensors replayed from a CUDA
+    graph (triton.testing.do_bench_cudagraph); configs that run out of shared memory or registers are left out."""
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    timed = []
+    for config in candidates:
+        def launch(config=config):
+            linear_fwd(x, weight, bias, activation, residual, out=out, config=config)
+
+        try:
+            ms = triton.testing.do_bench_cudagraph(launch, rep=10, return_mode="median")
+        except OutOfResources:
+            continue
+        timed.append((config, float(ms)))
+    return timed
+
+
 def linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -384,7 +418,7 @@ def linear_fwd(
         EVEN_K=K % (config.block_k * config.split_k) == 0, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if config.split_k > 1:
-        block_m, block_n = min(16, triton.next_power_of_2(M)), 256
+        block_m, block_n = min(16, triton.next_power_of_2(M)), 64  # many small programs: bandwidth-bound
         _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
             partial, bias, residual, out, M, N, *res_strides, **flags, SPLIT_K=config.split_k,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,

@@ -241,8 +241,9 @@ def tritonize_attention(
         key_padding_mask = attention_mask
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
-    out = ops.attention(query, key, value, scale=scaling, causal=causal, key_padding_mask=key_padding_mask, bias=bias)
-    return out.transpose(1, 2).contiguous(), None
+    out = ops.attention(query, key, value, scale=scaling, causal=causal, key_padding_mask=key_padding_mask,
+                        bias=bias, seq_major=True)
+    return out, None
 
 
 # -- switching models -----------------------------------------------------------------------------

@@ -62,7 +62,10 @@ class BucketedRunner:
     ) -> None:
         self.compiled, self.original, self.signature = compiled, original, signature
         self.buckets, self.cuda_graphs, self.copy_outputs = buckets, cuda_graphs, copy_outputs
-        self.verify, self.mask_name, self.device = verify, mask_name, device
+        self.verify, self.mask_name = verify, mask_name
+        # "cuda" and "cuda:0" are the same device: compare against the parameter's full device
+        self.device = torch.device(device.type, torch.cuda.current_device()) if (
+            device.type == "cuda" and device.index is None) else device
         self.after_new_bucket = after_new_bucket
         self.pool = pool
         self.captures = 0

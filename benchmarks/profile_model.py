@@ -1,0 +1,83 @@
+"""Where an encoder's time goes: GPU time per kernel (torch.profiler) for tritonize and torch.compile, and
+the runner's host overhead (a full optimized call vs the bare CUDA-graph replay of its bucket).
+
+Usage (on the GPU machine): PYTHONPATH=src python benchmarks/profile_model.py [--model bert-base]
+    [--shapes 1x16 1x128 32x512] [--out DIR]
+Prints one table per (shape, engine) and writes profile-<model>.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
+
+import tritonize
+from tritonize.bench.models import build_model
+
+STEPS = 20
+
+
+def kernel_times(fn, steps: int = STEPS) -> dict[str, float]:
+    """Microseconds of GPU time per call, per kernel name, over `steps` calls."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name[:90]] += event.device_time / steps
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bert-base")
+    parser.add_argument("--shapes", nargs="+", default=["1x16", "1x128", "8x512", "32x512"])
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    model, make_inputs = build_model(args.model, "sdpa")
+    model = model.to("cuda", torch.float16)
+    engines = {
+        "compile-default": torch.compile(copy.deepcopy(model)),
+        "tritonize-no-graphs": tritonize.optimize_model(copy.deepcopy(model), cuda_graphs=False),
+        "tritonize": tritonize.optimize_model(copy.deepcopy(model)),
+    }
+    results: dict[str, dict] = {}
+    with torch.inference_mode():
+        for shape in args.shapes:
+            batch, seq = (int(part) for part in shape.split("x"))
+            inputs = {k: v.cuda() for k, v in make_inputs(batch, seq).items()}
+            for name in ("compile-default", "tritonize-no-graphs"):
+                times = kernel_times(lambda name=name, inputs=inputs: engines[name](**inputs))
+                total = sum(times.values())
+                results[f"{shape} {name}"] = {"gpu_us": total, "kernels": times}
+                print(f"\n== {shape} {name}: {total:.1f} us of GPU time per call, {len(times)} kernel names")
+                for kernel, us in list(times.items())[:14]:
+                    print(f"  {us:8.1f} us  {kernel}")
+            optimized = engines["tritonize"]
+            optimized(**inputs)
+            runner = optimized._tritonize_runner
+            bucket = next(entry for key, entry in runner._entries.items() if key[0] == runner.buckets.fit(batch, seq))
+            call_ms = do_bench(lambda optimized=optimized, inputs=inputs: optimized(**inputs),
+                               warmup=25, rep=200, return_mode="median")
+            replay_ms = do_bench(bucket.graph.replay, warmup=25, rep=200, return_mode="median")
+            results[f"{shape} tritonize"] = {"call_ms": call_ms, "replay_ms": replay_ms}
+            print(f"\n== {shape} tritonize: full call {call_ms:.3f} ms, bare graph replay {replay_ms:.3f} ms")
+    print(tritonize.report(engines["tritonize"]))
+    out = Path(args.out) / f"profile-{args.model}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
