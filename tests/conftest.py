@@ -1,6 +1,7 @@
 """Test setup: CPU runs go through Triton's interpreter; `gpu` tests need CUDA and real sizes."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before tritonize (and so triton.jit) is imported: every kernel then runs on CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests never read or write the user's tuning cache: misses use the shapes' heuristics or the shipped table.
+os.environ["TRITONIZE_TUNING_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="tritonize-tests-"), "tuning.json")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -7,6 +7,7 @@ backend (fx rewrites onto fused kernels), and runs it through shape-bucketed CUD
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -33,11 +34,9 @@ VERIFY_TOLERANCE_FACTOR = 20
 
 def _target(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward is optimized: a SentenceTransformer's transformer, else the model."""
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        return model
-    if isinstance(model, SentenceTransformer):
+    # a SentenceTransformer's module is imported already; importing it here would cost seconds
+    sentence_transformers = sys.modules.get("sentence_transformers")
+    if sentence_transformers is not None and isinstance(model, sentence_transformers.SentenceTransformer):
         first = model[0]
         inner = getattr(first, "auto_model", None) or getattr(first, "model", None)
         if not isinstance(inner, torch.nn.Module):

@@ -117,6 +117,7 @@ class BucketedRunner:
         if not (self.cuda_graphs and next(iter(inputs.values())).is_cuda):
             return _Bucket(inputs={})
         start = time.perf_counter()
+        logger.info("tritonize: new bucket batch=%d seq=%d: compiling (first bucket only) and capturing...", *padded)
         entry = _Bucket(inputs={k: v.clone() for k, v in inputs.items()})
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -1,0 +1,100 @@
+"""The tuning cache: JSON round trip, layering over the shipped table, bad files, and ops.linear using it."""
+
+import json
+import logging
+
+import pytest
+import torch
+from helpers import assert_close
+
+import tritonize.ops
+from tritonize import tuning
+from tritonize.kernels import reference
+from tritonize.kernels.linear import LinearConfig
+
+CONFIG = {"block_m": 16, "block_n": 32, "block_k": 32, "group_m": 1, "num_warps": 4, "num_stages": 2,
+          "split_k": 2, "persistent": False}
+
+
+def write(path, entries, version=tuning.FORMAT_VERSION):
+    path.write_text(json.dumps({"version": version, "entries": entries}))
+
+
+def test_round_trip_in_a_new_cache_object(tmp_path):
+    path = tmp_path / "sub" / "tuning.json"
+    tuning.TuningCache(path, shipped=tmp_path / "none.json").put("linear", "card A", "M16 key", CONFIG)
+    again = tuning.TuningCache(path, shipped=tmp_path / "none.json")  # what a new process reads
+    assert again.get("linear", "card A", "M16 key") == CONFIG
+    assert again.get("linear", "card B", "M16 key") is None  # never crosses cards
+    assert json.loads(path.read_text())["version"] == tuning.FORMAT_VERSION
+
+
+def test_user_entries_override_the_shipped_table(tmp_path):
+    shipped, user = tmp_path / "shipped.json", tmp_path / "user.json"
+    write(shipped, {"linear": {"card": {"k1": {"from": "shipped"}, "k2": {"from": "shipped"}}}})
+    write(user, {"linear": {"card": {"k1": {"from": "user"}}}})
+    found = tuning.TuningCache(user, shipped=shipped)
+    assert found.get("linear", "card", "k1") == {"from": "user"}
+    assert found.get("linear", "card", "k2") == {"from": "shipped"}
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 99, "entries": {}}), "[]"])
+def test_unreadable_or_foreign_files_are_ignored_with_a_warning(tmp_path, caplog, content):
+    path = tmp_path / "tuning.json"
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="tritonize"):
+        found = tuning.TuningCache(path, shipped=tmp_path / "none.json")
+    assert found.get("linear", "card", "key") is None
+    assert "ignoring" in caplog.text and str(path) in caplog.text
+
+
+def test_environment_variable_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "mine.json"))
+    assert tuning.user_path() == tmp_path / "mine.json"
+    assert tuning.cache().path == tmp_path / "mine.json"
+
+
+def test_shipped_table_holds_valid_linear_configs():
+    entries = json.loads(tuning.SHIPPED.read_text())["entries"]
+    for per_card in entries.get("linear", {}).values():
+        for config in per_card.values():
+            LinearConfig(**config)
+
+
+def test_autotuning_flag_is_scoped():
+    assert not tuning.is_autotuning()
+    with tuning.autotuning():
+        assert tuning.is_autotuning()
+    assert not tuning.is_autotuning()
+
+
+def test_ops_linear_runs_the_cached_config(tmp_path, monkeypatch, device):
+    """A cache entry for this card and shape class steers the launch (and the result stays right)."""
+    monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
+    card = torch.cuda.get_device_name() if device == "cuda" else "triton-interpreter"
+    x, weight = torch.randn(5, 40, device=device), torch.randn(24, 40, device=device)
+    key = "M16 N24 K40 float32 gelu bias=False residual=False"
+    tuning.cache().put("linear", card, key, CONFIG)
+    seen = []
+    real = tritonize.ops.linear_fwd
+
+    def spy(*args, config=None):
+        seen.append(config)
+        return real(*args, config=config)
+
+    monkeypatch.setattr(tritonize.ops, "linear_fwd", spy)
+    out = tritonize.ops.linear(x, weight, activation="gelu")
+    assert seen == [LinearConfig(**CONFIG)]
+    assert_close(out, reference.linear(x.double(), weight.double(), None, "gelu", None), torch.float32)
+
+
+@pytest.mark.gpu
+def test_autotuning_times_candidates_once_and_stores_the_fastest(tmp_path, monkeypatch):
+    monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
+    x = torch.randn(200, 256, device="cuda", dtype=torch.float16)
+    weight = torch.randn(384, 256, device="cuda", dtype=torch.float16)
+    with tuning.autotuning():
+        out = tritonize.ops.linear(x, weight, activation="relu")
+    stored = json.loads((tmp_path / "tuning.json").read_text())["entries"]["linear"][torch.cuda.get_device_name()]
+    assert list(stored) == ["M256 N384 K256 float16 relu bias=False residual=False"]
+    assert_close(out, reference.linear(x.double(), weight.double(), None, "relu", None), torch.float16)
