@@ -91,6 +91,24 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench-generate times generation on a CUDA GPU and none is visible here. "
+              "The test suite checks generated tokens against HF on CPU.")
+        return 2
+    from tritonize.bench import generation
+    from tritonize.bench.report import markdown_table, write_results
+
+    payload = generation.run(tuple(args.models))
+    rows = payload["rows"]
+    path = write_results("bench-generate-" + "-".join(args.models), payload, Path(args.out))
+    print(markdown_table(rows))
+    print(f"\nwrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
 def models_engines() -> tuple[str, ...]:
     from tritonize.bench.models import ENGINES
 
@@ -120,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                                   "store the fastest in the tuning cache ($TRITONIZE_TUNING_CACHE)")
     model_bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON and Markdown results")
     model_bench.set_defaults(handler=_bench_model)
+    gen = sub.add_parser("bench-generate", help="time tritonize.generate vs HF generate (Llama-style 1.7 GB, T5-base)")
+    gen.add_argument("--models", nargs="+", default=["llama", "t5"], choices=["llama", "t5"])
+    gen.add_argument("--out", default="benchmarks/results", help="folder for the JSON and Markdown results")
+    gen.set_defaults(handler=_bench_generate)
     debug = sub.add_parser("debug", help="run one kernel bounds-checked on CPU and compare it with its reference",
                            epilog=DEBUG_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     debug.add_argument("kernel", choices=DEBUG_KERNELS)
