@@ -187,3 +187,20 @@ def test_a_forward_dynamo_cannot_capture_is_reported(device):
     x = torch.randn(2, 3, 8, device=device)
     torch.testing.assert_close(model(x), model.fc(x).detach())
     assert any("ran the forward eagerly" in reason for _, reason in tritonize.report(model).fallbacks)
+
+
+def test_autocast_gives_the_eager_autocast_result(device):
+    """Under autocast the optimized model stays correct: nodes whose dtypes autocast mixed keep their
+    PyTorch code (listed in the report), the rest run on tritonize's kernels."""
+    reference, model = model_pair("bert", device)
+    tritonize.optimize_model(model)
+    ids, mask = padded_batch(device)
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    with torch.inference_mode(), torch.autocast(device, dtype=dtype):
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert_close(got[real].float(), want[real].float(), dtype, scale=10)
+    found = tritonize.report(model)
+    assert found.replaced["attention"] == 2
+    assert all("differs from x dtype" in reason for _, reason in found.fallbacks), found.fallbacks
