@@ -6,9 +6,10 @@ backend (fx rewrites onto fused kernels), and runs it through shape-bucketed CUD
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -45,18 +46,61 @@ def _target(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _dynamic_batch_and_seq(forward):
-    """Traces with symbolic batch and sequence sizes from the first call, so one graph serves every
-    bucket (a new bucket costs a CUDA-graph capture, not a recompile). Sizes 0 and 1 stay specialized
-    (TorchDynamo's rule): batch 1 and batches above 1 are one trace each."""
-    def forward_with_dynamic_shapes(**inputs):
-        for value in inputs.values():
-            if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                torch._dynamo.maybe_mark_dynamic(value, 0)
-                torch._dynamo.maybe_mark_dynamic(value, 1)
-        return forward(**inputs)
+def _mark_batch_and_seq_dynamic(values) -> None:
+    """Symbolic batch and sequence sizes from the first trace on, so one graph serves every bucket (a new
+    bucket costs a CUDA-graph capture, not a recompile). Sizes 0 and 1 stay specialized (TorchDynamo's
+    rule): batch 1 and batches above 1 are one trace each."""
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+            torch._dynamo.maybe_mark_dynamic(value, 1)
 
-    return forward_with_dynamic_shapes
+
+def _repeated_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's stack of identical blocks (BERT's encoder.layer, Llama's layers): the longest
+    ModuleList of two or more modules of one class, or None."""
+    stacks = [m for m in model.modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) >= 2 and len({type(block) for block in m}) == 1]
+    return max(stacks, key=len, default=None)
+
+
+def _compile_blocks(blocks: torch.nn.ModuleList, backend) -> None:
+    """Regional compilation: every block runs one compiled copy of its class's forward (traced once for
+    all of them: parameters are graph inputs), so warm-up traces one block instead of the whole model."""
+    compiled = torch.compile(type(blocks[0]).forward, backend=backend)
+    for block in blocks:
+        def block_forward(*args, block=block, **kwargs):
+            _mark_batch_and_seq_dynamic((*args, *kwargs.values()))
+            return compiled(block, *args, **kwargs)
+
+        block.forward = block_forward
+
+
+@contextlib.contextmanager
+def _original_blocks(blocks: torch.nn.ModuleList | None):
+    """Within it, the blocks run their original (uncompiled) forward: what verify compares against."""
+    saved = {} if blocks is None else {i: block.__dict__.pop("forward") for i, block in enumerate(blocks)}
+    try:
+        yield
+    finally:
+        for i, forward in saved.items():
+            blocks[i].forward = forward
+
+
+def _compiled_forward(target: torch.nn.Module, report: Report) -> tuple[Callable, torch.nn.ModuleList | None]:
+    """(the forward to run, the regionally compiled blocks or None). Models built as a stack of
+    identical blocks compile one block for all; others compile their whole forward."""
+    blocks = _repeated_blocks(target)
+    if blocks is not None:
+        _compile_blocks(blocks, tritonize_backend(report, uses=len(blocks)))
+        return target.forward, blocks
+    compiled = torch.compile(target.forward, backend=tritonize_backend(report))
+
+    def forward_with_dynamic_shapes(**inputs):
+        _mark_batch_and_seq_dynamic(inputs.values())
+        return compiled(**inputs)
+
+    return forward_with_dynamic_shapes, None
 
 
 def _autotuned(forward):
@@ -131,7 +175,7 @@ def optimize_model(
     previous_attention = use_tritonize_attention(target, found)
     original_forward = target.forward
     signature = inspect.signature(original_forward)
-    compiled = _dynamic_batch_and_seq(torch.compile(original_forward, backend=tritonize_backend(found)))
+    compiled, blocks = _compiled_forward(target, found)
     if tune:
         compiled = _autotuned(compiled)
     config = getattr(target, "config", None)
@@ -145,7 +189,7 @@ def optimize_model(
         if previous_attention is not None:
             set_attention_implementation(target, previous_attention)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _original_blocks(blocks):
                 expected = original_forward(**inputs)
         finally:
             if previous_attention is not None:

@@ -6,6 +6,7 @@ so). Must never import triton; kernels enter the graph only as `tritonize.ops` c
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ def _structure(gm: fx.GraphModule) -> str:
 
 
 def tritonize_backend(
-    report: Report, *, skip: Collection[str] = (), registry: Registry | None = None
+    report: Report, *, skip: Collection[str] = (), registry: Registry | None = None, uses: int = 1
 ) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
     """A backend for `torch.compile(model, backend=tritonize_backend(report))`.
 
@@ -37,6 +38,8 @@ def tritonize_backend(
     they recognise by `tritonize.ops` kernels and record replacements and fallbacks in `report`.
     skip: pattern names to leave out, e.g. {"linear_plain"} keeps PyTorch's matmul for linears with
     no activation or residual to fuse. registry: patterns to run (default: tritonize's own plus yours).
+    uses: how many modules run each graph (regional compilation of N identical blocks): the report
+    counts each replacement that many times.
     """
     (registry or DEFAULT_REGISTRY).check_names(skip)
 
@@ -50,7 +53,8 @@ def tritonize_backend(
         graph_report = Report()
         run_passes(gm, graph_report, registry=registry, skip=skip)
         # a recompile for new shapes that rewrites the same way is the same graph, not more replacements
-        report.record_graph(f"{captured} -> {_structure(gm)}", graph_report.replaced)
+        counts = Counter({kind: count * uses for kind, count in graph_report.replaced.items()})
+        report.record_graph(f"{captured} -> {_structure(gm)}", counts)
         for node, reason in graph_report.fallbacks:
             report.fall_back(node, reason)
         return gm.forward
