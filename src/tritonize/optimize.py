@@ -15,6 +15,7 @@ import torch
 
 from tritonize import tuning
 from tritonize.kernels.reference import RELATIVE_TOLERANCE
+from tritonize.passes import pack_sibling_linears
 from tritonize.passes.hf_attention import set_attention_implementation, use_tritonize_attention
 from tritonize.reporting import Report
 from tritonize.runtime.backend import tritonize_backend
@@ -90,6 +91,7 @@ def _original_blocks(blocks: torch.nn.ModuleList | None):
 def _compiled_forward(target: torch.nn.Module, report: Report) -> tuple[Callable, torch.nn.ModuleList | None]:
     """(the forward to run, the regionally compiled blocks or None). Models built as a stack of
     identical blocks compile one block for all; others compile their whole forward."""
+    pack_sibling_linears(target)
     blocks = _repeated_blocks(target)
     if blocks is not None:
         _compile_blocks(blocks, tritonize_backend(report, uses=len(blocks)))

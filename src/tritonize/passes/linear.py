@@ -29,7 +29,7 @@ from tritonize.passes.registry import (
 _GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
-def _activation(node: fx.Node) -> str | None:
+def fusable_activation(node: fx.Node) -> str | None:
     """The ops.linear activation name that node computes on its first argument, or None."""
     if is_call(node, F.gelu):
         return _GELU_APPROXIMATIONS.get(arg(node, 1, "approximate", "none"))
@@ -42,7 +42,7 @@ def _activation(node: fx.Node) -> str | None:
     return None
 
 
-def _residual(node: fx.Node, out: fx.Node) -> fx.Node | None:
+def fusable_residual(node: fx.Node, out: fx.Node) -> fx.Node | None:
     """r when node computes `out + r` (either order) with r of out's shape and dtype, else None."""
     pair = operands(node, ADD)
     if pair is None or not any(v is out for v in pair):
@@ -78,9 +78,9 @@ def linear_epilogue(node: fx.Node) -> bool:
         return False
     end, activation, residual = node, None, None
     user = sole_user(end)
-    if user is not None and (activation := _activation(user)) is not None:
+    if user is not None and (activation := fusable_activation(user)) is not None:
         end, user = user, sole_user(user)
-    if user is not None and (residual := _residual(user, end)) is not None:
+    if user is not None and (residual := fusable_residual(user, end)) is not None:
         end = user
     if end is node:
         return False
