@@ -83,7 +83,8 @@ def generate(
     gives that row left-padded (HF itself mis-positions right padding). The prompt is returned as given.
     Greedy by default; do_sample draws from temperature -> top-k -> top-p filtered logits as HF does.
     temperature, top_k, top_p, eos_token_id, pad_token_id: None takes model.generation_config's value,
-    as HF does (for sampling, HF's defaults after that: temperature 1, top_k 50, top_p 1). generator
+    as HF does (for sampling, HF's defaults after that: temperature 1, top_k 50, top_p 1); eos_token_id=[]
+    generates without an eos (HF: an explicit eos_token_id=None). generator
     seeds sampling. cuda_graph: replay each decode step from one CUDA graph (CUDA only).
     """
     model = _check_model(model)

@@ -122,7 +122,7 @@ class DecoderEngine:
         self.layers = self._read_gpt2() if self.gpt2 else self._read_llama_like()
         self.lm_head = model.lm_head.weight
         self.cache_batch = self.cache_len = 0
-        self.watched = [(p, p.data_ptr()) for p in model.parameters()]
+        self.weight_addresses = self._weight_addresses()
 
     # -- reading the HF weights -------------------------------------------------------------------
 
@@ -207,9 +207,12 @@ class DecoderEngine:
             ))
         return layers
 
+    def _weight_addresses(self) -> list[int]:
+        return [p.data_ptr() for p in self.model.parameters()]
+
     def is_current(self) -> bool:
-        """False once any model parameter was replaced (model.to(...), load_state_dict with assign): rebuild."""
-        return all(p.data_ptr() == ptr for p, ptr in self.watched)
+        """False once any model parameter was replaced or moved (model.to(...), a new nn.Parameter): rebuild."""
+        return self._weight_addresses() == self.weight_addresses
 
     # -- caches -------------------------------------------------------------------------------------
 
