@@ -319,3 +319,29 @@ def test_cuda_graph_loop():
     assert torch.equal(run(graph=True), run(graph=False))
     assert torch.equal(run(graph=True, seed=7), run(graph=True, seed=7))  # the generator drives the replays
     assert not torch.equal(run(graph=True, seed=7), run(graph=True, seed=8))
+
+
+# -- tensor parallelism (2 CPU processes over gloo) ----------------------------------------------
+
+
+def _tensor_parallel_rank(rank: int, store: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        ops._runs_triton = lambda t: False  # this process only: the references keep it fast
+        for family in ("qwen2", "gpt2"):  # GQA with q/k/v biases; fused Conv1D qkv with biases everywhere
+            torch.manual_seed(0)  # both ranks build the same model and prompts
+            model = tiny(family)
+            ids, mask = left_padded([6, 3], 6)
+            expected = hf_generate(model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+            engine = DecoderEngine(model, tp_rank=rank, tp_size=2)
+            assert engine.local_heads == 2  # of 4
+            engine.reserve(2, 10)
+            new = decode_loop(engine.step, engine.prefill(ids, mask.bool()), max_new_tokens=4)
+            assert torch.equal(new, expected[:, 6:]), family
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_engine_matches_hf(tmp_path):
+    torch.multiprocessing.start_processes(_tensor_parallel_rank, args=(str(tmp_path / "store"),), nprocs=2,
+                                          start_method="fork")  # no re-import of torch and transformers
