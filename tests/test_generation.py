@@ -4,6 +4,9 @@ On CPU the engine's kernels run through the Triton interpreter, so the models ar
 tests that need many rows (sampling statistics) run the ops' PyTorch references instead.
 """
 
+import datetime
+import threading
+
 import pytest
 import torch
 import transformers
@@ -321,27 +324,34 @@ def test_cuda_graph_loop():
     assert not torch.equal(run(graph=True, seed=7), run(graph=True, seed=8))
 
 
-# -- tensor parallelism (2 CPU processes over gloo) ----------------------------------------------
+# -- tensor parallelism (2 ranks as threads of this process, over gloo) -------------------------------
 
 
-def _tensor_parallel_rank(rank: int, store: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        ops._runs_triton = lambda t: False  # this process only: the references keep it fast
-        for family in ("qwen2", "gpt2"):  # GQA with q/k/v biases; fused Conv1D qkv with biases everywhere
-            torch.manual_seed(0)  # both ranks build the same model and prompts
-            model = tiny(family)
-            ids, mask = left_padded([6, 3], 6)
-            expected = hf_generate(model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
-            engine = DecoderEngine(model, tp_rank=rank, tp_size=2)
-            assert engine.local_heads == 2  # of 4
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])  # GQA with q/k/v biases; GPT-2's fused Conv1D qkv
+def test_tensor_parallel_engine_matches_hf(family, reference_ops):
+    model = tiny(family)
+    ids, mask = left_padded([6, 3], 6)
+    expected = hf_generate(model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0)[:, 6:]
+    store, results = torch.distributed.HashStore(), {}
+
+    def rank(index: int) -> None:
+        try:
+            group = torch.distributed.ProcessGroupGloo(store, index, 2, datetime.timedelta(seconds=60))
+            engine = DecoderEngine(model, tp_rank=index, tp_size=2, process_group=group)
             engine.reserve(2, 10)
-            new = decode_loop(engine.step, engine.prefill(ids, mask.bool()), max_new_tokens=4)
-            assert torch.equal(new, expected[:, 6:]), family
-    finally:
-        torch.distributed.destroy_process_group()
+            with torch.no_grad():
+                first_logits = engine.prefill(ids, mask.bool())
+            results[index] = (engine.local_heads, decode_loop(engine.step, first_logits, max_new_tokens=4))
+        except Exception as error:  # reported by the main thread
+            results[index] = error
 
-
-def test_tensor_parallel_engine_matches_hf(tmp_path):
-    torch.multiprocessing.start_processes(_tensor_parallel_rank, args=(str(tmp_path / "store"),), nprocs=2,
-                                          start_method="fork")  # no re-import of torch and transformers
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for index in range(2):
+        assert not isinstance(results[index], Exception), results[index]
+        local_heads, tokens = results[index]
+        assert local_heads == 2  # of 4
+        assert torch.equal(tokens, expected)

@@ -28,7 +28,7 @@ def _engine(model: torch.nn.Module) -> DecoderEngine:
         runner = getattr(model, "_tritonize_runner", None)
         if runner is not None:  # optimize_model's CUDA graphs recorded the weights' old addresses
             runner.forget_graphs()
-        object.__setattr__(model, ENGINE_ATTRIBUTE, engine)  # not a submodule: no state_dict entry
+        setattr(model, ENGINE_ATTRIBUTE, engine)
     return engine
 
 

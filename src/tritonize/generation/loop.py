@@ -45,7 +45,7 @@ class _Iteration:
         self.steps_with_unfinished += self.unfinished.any()
         if self.eos is not None:
             token = torch.where(self.unfinished, token, self.pad_token_id)
-            self.unfinished &= ~torch.isin(token, self.eos)
+            self.unfinished &= (token[:, None] != self.eos).all(dim=1)
         self.tokens.index_copy_(1, self.index, token[:, None])
         self.last_token.copy_(token)
         self.index += 1
