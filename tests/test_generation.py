@@ -59,12 +59,15 @@ def reference_ops(monkeypatch):
 
 
 @pytest.mark.parametrize("family", MODELS)
-def test_greedy_left_padded_batch_matches_hf(family):
+def test_greedy_matches_hf_batched_and_single(family):
     model = tiny(family)
     ids, mask = left_padded([7, 5, 2], 7)
     expected = hf_generate(model, ids, mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0)
     out = tritonize.generate(model, ids, mask, max_new_tokens=5, eos_token_id=[], pad_token_id=0)
     assert torch.equal(out, expected)
+    single = ids[2:, 5:]
+    expected = hf_generate(model, single, max_new_tokens=3, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(tritonize.generate(model, single, max_new_tokens=3, eos_token_id=[]), expected)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -81,7 +84,7 @@ def test_right_padded_rows_continue_like_each_row_alone(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
-def test_prefill_and_step_logits_match_hf(family, reference_ops):
+def test_prefill_and_step_logits_match_hf(family):
     model = tiny(family)
     ids, mask = left_padded([6, 4], 6)
     engine = DecoderEngine(model)
