@@ -114,7 +114,8 @@ def decode_loop(
     first_logits [batch, vocab]: the logits after the last prompt token (from prefill). step(tokens):
     feeds int64 [batch] tokens to the model, which appends them to its own static caches and advances
     its own device-side lengths, and returns the next logits [batch, vocab]; it must be capturable in a
-    CUDA graph (no host sync, fixed shapes). Selection follows HF generate: min_new_tokens blocks the
+    CUDA graph (no host sync, fixed shapes). `tokens` is one buffer that the loop refills after each
+    step returns: copy it to keep it. Selection follows HF generate: min_new_tokens blocks the
     eos tokens, then greedy argmax or sampling (temperature -> top-k -> top-p); a sequence that produced
     an eos emits pad_token_id (default: the first eos) from then on; generation stops once every sequence
     finished, and n_new is the number of steps HF would run (<= max_new_tokens). top_k 0 or None and
