@@ -40,18 +40,19 @@ FEED_FORWARDS = ("relu", "gated-gelu")
 
 
 def tiny_t5(feed_forward_proj: str, dtype=torch.float32, device="cpu", **sizes) -> torch.nn.Module:
-    """A random T5 whose weights are spread enough for greedy decoding not to repeat one token."""
+    """A random T5 (HF's initialization) with an untied random lm_head and norm weights near 1: with the
+    lm_head tied to the embeddings, a random T5 keeps predicting its input token."""
     config = transformers.T5Config(
         **(dict(d_model=64, d_kv=16, num_heads=4, num_layers=2, d_ff=128, vocab_size=101) | sizes),
         feed_forward_proj=feed_forward_proj, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        tie_word_embeddings=feed_forward_proj == "relu",  # v1.0 scales the decoder output, v1.1 / flan do not
     )
     model = transformers.T5ForConditionalGeneration(config).eval()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "layer_norm" in name:
                 param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0, 0.5)
     model.generation_config.eos_token_id = None  # no eos unless a test names one
     return model.to(device=device, dtype=dtype)
 
@@ -166,14 +167,24 @@ def test_rejects_float16_and_other_models():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("feed_forward_proj", FEED_FORWARDS)
-def test_bf16_greedy_agrees_with_hf_on_cuda(feed_forward_proj):
-    """T5-small sizes in bf16 with CUDA graphs: at least 95% of greedy tokens equal HF's; fp32 identical."""
+def test_t5_small_sizes_on_cuda(feed_forward_proj):
+    """T5-small sizes, CUDA graphs. fp32: greedy tokens identical to HF's. bf16, as HF loads it (the "wo"
+    projections kept in fp32): at each of HF's greedy steps our next token is HF's in >= 95% of positions.
+    (Teacher-forced: with random weights one early bf16 difference changes every later token, even between
+    HF's own bf16 and fp32 runs.)"""
     sizes = dict(d_model=512, d_kv=64, num_heads=8, num_layers=6, d_ff=2048, vocab_size=32128)
-    input_ids, mask = padded_batch([60, 33, 47, 12], vocab=32128, device="cuda")
     model = tiny_t5(feed_forward_proj, device="cuda", **sizes)
-    expected = hf_generate(model, input_ids, mask, max_new_tokens=64)
-    assert torch.equal(generate_t5(model, input_ids, mask, max_new_tokens=64), expected)
+    input_ids, mask = padded_batch([60, 33, 47, 12], vocab=32128, device="cuda")
+    assert torch.equal(generate_t5(model, input_ids, mask, max_new_tokens=48),
+                       hf_generate(model, input_ids, mask, max_new_tokens=48))
+
     model = model.to(torch.bfloat16)
-    expected = hf_generate(model, input_ids, mask, max_new_tokens=64)
-    ours = generate_t5(model, input_ids, mask, max_new_tokens=64)
-    assert (ours == expected).float().mean().item() >= 0.95
+    for name, module in model.named_modules():
+        if name.endswith(".wo"):
+            module.float()
+    expected = hf_generate(model, input_ids, mask, max_new_tokens=48)
+    with torch.inference_mode():
+        request = T5Request(model, input_ids, mask, max_new_tokens=48)
+        logits = torch.stack([request.step(tokens) for tokens in expected[:, :-1].unbind(1)], dim=1)
+    assert (logits.argmax(-1) == expected[:, 1:]).float().mean().item() >= 0.95
+    assert generate_t5(model, input_ids, mask, max_new_tokens=48).shape == expected.shape

@@ -64,7 +64,9 @@ class T5Request:
         wo_dtype = model.encoder.block[0].layer[-1].DenseReluDense.wo.weight.dtype
         self.residual_dtype = torch.promote_types(self.dtype, wo_dtype)
         # T5 v1.0 rescales the decoder output before the tied lm_head; v1.1 / flan do not
-        self.output_scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", True) else None
+        # (transformers 5 keeps that flag in scale_decoder_outputs and forces tie_word_embeddings to True)
+        scaled = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
+        self.output_scale = config.d_model**-0.5 if scaled else None
 
         device = model.shared.weight.device
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -89,8 +91,13 @@ class T5Request:
         cache_shape = (batch, self.heads, max_len, self.head_dim)
         self.self_kv = [(torch.zeros(cache_shape, dtype=self.dtype, device=device),
                          torch.zeros(cache_shape, dtype=self.dtype, device=device)) for _ in model.decoder.block]
-        # [1, heads, query position, key position], causal buckets: row p is the bias of the step at p
-        self.self_bias = model.decoder.block[0].layer[0].SelfAttention.compute_bias(max_len, max_len, device)
+        # the decoder's causal relative position bias by distance (query - key) in [0, max_len): [heads, max_len]
+        position_bias = model.decoder.block[0].layer[0].SelfAttention
+        buckets = position_bias._relative_position_bucket(
+            -torch.arange(max_len, device=device), bidirectional=False,
+            num_buckets=position_bias.relative_attention_num_buckets,
+            max_distance=position_bias.relative_attention_max_distance)
+        self.bias_by_distance = position_bias.relative_attention_bias(buckets).T
         self.key_positions = torch.arange(max_len, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # where the next token's K/V go
 
@@ -108,8 +115,9 @@ class T5Request:
         decoder = self.model.decoder
         hidden = F.embedding(tokens[:, None], decoder.embed_tokens.weight)
         seen_keys = (self.key_positions <= self.position).expand(tokens.shape[0], -1)
-        self_attention = functools.partial(self._decoder_self_attention, seen_keys=seen_keys,
-                                           bias=self.self_bias.index_select(2, self.position))
+        distances = (self.position - self.key_positions).clamp(min=0)  # keys past the position are masked
+        bias = self.bias_by_distance.index_select(1, distances)[None, :, None, :]  # [1, heads, 1, max_len]
+        self_attention = functools.partial(self._decoder_self_attention, seen_keys=seen_keys, bias=bias)
         hidden = self._run_stack(decoder, hidden, (self_attention, self._cross_attention, self._feed_forward))
         self.position += 1
         hidden = hidden.to(self.dtype)
