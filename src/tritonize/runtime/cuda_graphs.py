@@ -69,6 +69,11 @@ class BucketedRunner:
         self._entries: dict[tuple, _Bucket] = {}
         self._lock = threading.Lock()
 
+    def forget_graphs(self) -> None:
+        """Drops every captured bucket (the model's parameters moved: graphs would read the old memory)."""
+        with self._lock:
+            self._entries.clear()
+
     def __call__(self, *args, **kwargs):
         call = dict(self.signature.bind(*args, **kwargs).arguments)
         for param in self.signature.parameters.values():

@@ -1,0 +1,127 @@
+"""tritonize.generate(): HF `model.generate` for decoder-only models, on a static cache and CUDA graphs."""
+
+from __future__ import annotations
+
+import torch
+
+from tritonize.generation.decoder import SUPPORTED_MODEL_TYPES, DecoderEngine
+from tritonize.generation.loop import decode_loop
+
+# Sampling settings HF takes from the generation config when an argument is None, and HF's own defaults.
+HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# generation_config fields HF would apply and tritonize does not, with the value that means "off".
+UNSUPPORTED_SETTINGS = {
+    "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_p": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "bad_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "sequence_bias": None, "encoder_repetition_penalty": 1.0,
+    "exponential_decay_length_penalty": None, "max_time": None, "stop_strings": None,
+}
+ENGINE_ATTRIBUTE = "_tritonize_decoder"
+
+
+def _engine(model: torch.nn.Module) -> DecoderEngine:
+    """The engine cached on the model, rebuilt when the model's parameters were replaced."""
+    engine = getattr(model, ENGINE_ATTRIBUTE, None)
+    if engine is None or not engine.is_current():
+        engine = DecoderEngine(model)
+        runner = getattr(model, "_tritonize_runner", None)
+        if runner is not None:  # optimize_model's CUDA graphs recorded the weights' old addresses
+            runner.forget_graphs()
+        object.__setattr__(model, ENGINE_ATTRIBUTE, engine)  # not a submodule: no state_dict entry
+    return engine
+
+
+def _check_model(model: object) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"tritonize.generate takes an HF causal LM, got {type(model).__name__}")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"tritonize.generate does not support model type {model_type!r} ({type(model).__name__}); "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no lm_head: pass the *ForCausalLM model, not the base model")
+    if model.training:
+        raise ValueError("tritonize.generate runs inference: call model.eval() first")
+    config = getattr(model, "generation_config", None)
+    for name, off in UNSUPPORTED_SETTINGS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != off:
+            raise ValueError(f"model.generation_config.{name} = {value!r}: HF generate would apply it and "
+                             f"tritonize.generate does not; set it to {off!r} to generate without it")
+    return model
+
+
+def _left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real tokens (mask 1), in order, moved to the end of the row: left padding."""
+    real = attention_mask.bool()
+    order = torch.sort(real.int(), dim=1, stable=True).indices  # padding first, real tokens after, order kept
+    return input_ids.gather(1, order), real.gather(1, order)
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    cuda_graph: bool = True,
+) -> torch.Tensor:
+    """HF `model.generate(input_ids, attention_mask, ...)` for decoder-only models: [batch, prompt_len + n_new].
+
+    model: an HF Llama, Mistral, Qwen2, Qwen3 or GPT-2 causal LM (also after `tritonize.optimize_model`).
+    attention_mask: 1 = real token; padding may sit on either side (or anywhere): each row continues its
+    own real tokens, so a left-padded batch gives HF's tokens, and a right-padded row gets the tokens HF
+    gives that row left-padded (HF itself mis-positions right padding). The prompt is returned as given.
+    Greedy by default; do_sample draws from temperature -> top-k -> top-p filtered logits as HF does.
+    temperature, top_k, top_p, eos_token_id, pad_token_id: None takes model.generation_config's value,
+    as HF does (for sampling, HF's defaults after that: temperature 1, top_k 50, top_p 1); eos_token_id=[]
+    generates without an eos (HF: an explicit eos_token_id=None). generator
+    seeds sampling. cuda_graph: replay each decode step from one CUDA graph (CUDA only).
+    """
+    model = _check_model(model)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError("input_ids must be an int64 tensor [batch, prompt_len], got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+    device = model.lm_head.weight.device
+    if input_ids.device != device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape or attention_mask.device != device:
+        raise ValueError(f"attention_mask must match input_ids' shape {tuple(input_ids.shape)} and device {device}, "
+                         f"got {tuple(attention_mask.shape)} on {attention_mask.device}")
+    if not attention_mask.bool().any(dim=1).all():
+        raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+    config = model.generation_config
+    eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
+    pad_token_id = config.pad_token_id if pad_token_id is None else pad_token_id
+    sampling = {}
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        for candidate in (value, getattr(config, name, None), HF_SAMPLING_DEFAULTS[name]):
+            if candidate is not None:
+                sampling[name] = candidate
+                break
+
+    engine = _engine(model)
+    ids, mask = _left_aligned(input_ids, attention_mask)
+    with torch.no_grad():
+        engine.reserve(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        first_logits = engine.prefill(ids, mask)
+        new_tokens = decode_loop(engine.step, first_logits, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
+                                 pad_token_id=pad_token_id, cuda_graph=cuda_graph, generator=generator, **sampling)
+    return torch.cat([input_ids, new_tokens], dim=1)

@@ -1,0 +1,319 @@
+"""A static-KV-cache engine for decoder-only HF models, built on tritonize's ops (gpt-fast style).
+
+The engine reads an HF causal LM's weights once: Q, K and V fused into one projection, gate and up into
+one `gated_mlp` weight. With tp_size == 1 the HF parameters are re-pointed at views of the fused
+tensors, so the model and the engine share one copy of the weights (and the HF model keeps working).
+Caches are preallocated [batch, kv_heads, max_len, head_dim]; each sequence's length lives in a device
+buffer that `step` advances itself, so a step has fixed shapes and no host sync (one CUDA graph).
+
+Prompts arrive left-aligned to the end (left padding): sequence b's real tokens fill positions
+key_start[b] .. prompt_len - 1 of the cache and take rotary / learned positions 0, 1, ... as HF's
+cumsum(attention_mask) - 1 gives them.
+
+Tensor parallelism (tp_size > 1, Megatron style): each rank keeps its share of the heads (Q and KV) and of
+the MLP's intermediate columns; the attention output and down projections are split by their input
+and summed with all_reduce, the bias and the residual added on rank 0 only. Embeddings and lm_head stay
+whole on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tritonize import ops
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+CACHE_LENGTH_MULTIPLE = 64  # caches grow in steps of this many positions
+# HF activation names -> tritonize's (ops.linear / ops.gated_mlp)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "tanh": "tanh"}
+# position-dependent rope variants whose cos/sin change with the sequence length: a fixed table can't hold them
+DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+@dataclass
+class Norm:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+    rms: bool  # RMSNorm (Llama-style), else LayerNorm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+@dataclass
+class Layer:
+    attn_norm: Norm
+    qkv_weight: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden] of this rank
+    qkv_bias: torch.Tensor | None
+    q_norm: Norm | None  # Qwen3: RMSNorm of each head of q and k before rotary
+    k_norm: Norm | None
+    o_weight: torch.Tensor  # [hidden, heads * head_dim]
+    o_bias: torch.Tensor | None  # rank 0 only
+    mlp_norm: Norm
+    up_weight: torch.Tensor  # gated: cat([gate, up]) [2 * intermediate, hidden]; else the up projection
+    up_bias: torch.Tensor | None
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor | None  # rank 0 only
+    gated: bool  # act(gate) * up (Llama family), else act(up) (GPT-2)
+    scale: float
+
+
+def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    if size == 1:
+        return t
+    if t.shape[dim] % size:
+        raise ValueError(f"tritonize: dim {dim} of a weight of shape {tuple(t.shape)} does not split in {size} parts")
+    part = t.shape[dim] // size
+    return t.narrow(dim, rank * part, part).contiguous()
+
+
+def _fuse(params: Sequence[torch.nn.Parameter], conv1d: bool = False) -> torch.Tensor:
+    """cat(params, dim=0) as nn.Linear weights [out, in] (or biases); the parameters become views of the result.
+
+    conv1d: the parameters are HF Conv1D weights [in, out] (GPT-2) and become transposed views.
+    """
+    as_linear = [p.detach().t() if conv1d and p.dim() == 2 else p.detach() for p in params]
+    fused = torch.cat(as_linear, dim=0)
+    start = 0
+    for param, part in zip(params, as_linear, strict=True):
+        view = fused[start : start + part.shape[0]]
+        param.data = view.t() if conv1d and param.dim() == 2 else view
+        start += part.shape[0]
+    return fused
+
+
+class DecoderEngine:
+    """Prefill and one-token decode steps of a decoder-only HF causal LM on preallocated caches.
+
+    model: an HF *ForCausalLM of a type in SUPPORTED_MODEL_TYPES, in eval mode. tp_rank / tp_size /
+    process_group: tensor parallelism over torch.distributed (see the module docstring).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, tp_rank: int = 0, tp_size: int = 1, process_group=None) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"tritonize generation does not support model type {config.model_type!r} "
+                             f"({type(model).__name__}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank must be in [0, tp_size={tp_size}), got {tp_rank}")
+        self.model, self.config = model, config
+        self.tp_rank, self.tp_size, self.process_group = tp_rank, tp_size, process_group
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        if self.heads % tp_size or self.kv_heads % tp_size:
+            raise ValueError(f"tp_size {tp_size} must divide the heads ({self.heads}) and kv heads ({self.kv_heads})")
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.local_heads, self.local_kv_heads = self.heads // tp_size, self.kv_heads // tp_size
+        activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"tritonize generation does not support the activation {activation!r}; "
+                             f"supported: {', '.join(ACTIVATIONS)}")
+        self.activation = ACTIVATIONS[activation]
+        self.gpt2 = config.model_type == "gpt2"
+        self.layers = self._read_gpt2() if self.gpt2 else self._read_llama_like()
+        self.lm_head = model.lm_head.weight
+        self.cache_batch = self.cache_len = 0
+        self.weight_addresses = self._weight_addresses()
+
+    # -- reading the HF weights -------------------------------------------------------------------
+
+    def _qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """This rank's heads of q, k and v (weights [rows, hidden] or biases), fused."""
+        r, n = self.tp_rank, self.tp_size
+        return torch.cat([_split(q, 0, r, n), _split(k, 0, r, n), _split(v, 0, r, n)])
+
+    def _rank0(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        return bias if self.tp_rank == 0 else None
+
+    def _read_llama_like(self) -> list[Layer]:
+        base, config = self.model.model, self.config
+        self.embed = base.embed_tokens.weight
+        self.final_norm = Norm(base.norm.weight, None, base.norm.variance_epsilon, rms=True)
+        self.rotary_emb = base.rotary_emb
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type") in DYNAMIC_ROPE_TYPES:
+            raise ValueError(f"tritonize generation does not support rope_type {rope['rope_type']!r} "
+                             "(its cos/sin depend on the sequence length)")
+        r, n = self.tp_rank, self.tp_size
+        layers = []
+        for block in base.layers:
+            attn, mlp = block.self_attn, block.mlp
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            has_qkv_bias = attn.q_proj.bias is not None
+            if n == 1:
+                qkv_weight = _fuse([p.weight for p in projections])
+                qkv_bias = _fuse([p.bias for p in projections]) if has_qkv_bias else None
+                up_weight = _fuse([mlp.gate_proj.weight, mlp.up_proj.weight])
+                up_bias = _fuse([mlp.gate_proj.bias, mlp.up_proj.bias]) if mlp.gate_proj.bias is not None else None
+            else:
+                qkv_weight = self._qkv(*(p.weight for p in projections))
+                qkv_bias = self._qkv(*(p.bias for p in projections)) if has_qkv_bias else None
+                gate, up = mlp.gate_proj, mlp.up_proj
+                up_weight = ops.concat_gate_up(_split(gate.weight, 0, r, n), _split(up.weight, 0, r, n))
+                up_bias = (ops.concat_gate_up(_split(gate.bias, 0, r, n), _split(up.bias, 0, r, n))
+                           if gate.bias is not None else None)
+            head_norms = [Norm(m.weight, None, m.variance_epsilon, rms=True) if m is not None else None
+                          for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))]
+            layers.append(Layer(
+                attn_norm=Norm(block.input_layernorm.weight, None, block.input_layernorm.variance_epsilon, rms=True),
+                qkv_weight=qkv_weight, qkv_bias=qkv_bias, q_norm=head_norms[0], k_norm=head_norms[1],
+                o_weight=_split(attn.o_proj.weight, 1, r, n), o_bias=self._rank0(attn.o_proj.bias),
+                mlp_norm=Norm(block.post_attention_layernorm.weight, None,
+                              block.post_attention_layernorm.variance_epsilon, rms=True),
+                up_weight=up_weight, up_bias=up_bias,
+                down_weight=_split(mlp.down_proj.weight, 1, r, n), down_bias=self._rank0(mlp.down_proj.bias),
+                gated=True, scale=attn.scaling,
+            ))
+        return layers
+
+    def _read_gpt2(self) -> list[Layer]:
+        base, config = self.model.transformer, self.config
+        self.embed, self.position_embed = base.wte.weight, base.wpe.weight
+        self.final_norm = Norm(base.ln_f.weight, base.ln_f.bias, base.ln_f.eps, rms=False)
+        r, n = self.tp_rank, self.tp_size
+        hidden = config.hidden_size
+        layers = []
+        for i, block in enumerate(base.h):
+            attn, mlp = block.attn, block.mlp
+            if n == 1:  # Conv1D weights [in, out] become nn.Linear layout, shared with the model
+                qkv_weight, qkv_bias = _fuse([attn.c_attn.weight], conv1d=True), attn.c_attn.bias
+                o_weight, up_weight = _fuse([attn.c_proj.weight], conv1d=True), _fuse([mlp.c_fc.weight], conv1d=True)
+                down_weight, up_bias = _fuse([mlp.c_proj.weight], conv1d=True), mlp.c_fc.bias
+            else:
+                qkv_weight = self._qkv(*attn.c_attn.weight.t().split(hidden))
+                qkv_bias = self._qkv(*attn.c_attn.bias.split(hidden))
+                o_weight = _split(attn.c_proj.weight.t(), 1, r, n)
+                up_weight, up_bias = _split(mlp.c_fc.weight.t(), 0, r, n), _split(mlp.c_fc.bias, 0, r, n)
+                down_weight = _split(mlp.c_proj.weight.t(), 1, r, n)
+            scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+            if config.scale_attn_by_inverse_layer_idx:
+                scale /= i + 1
+            layers.append(Layer(
+                attn_norm=Norm(block.ln_1.weight, block.ln_1.bias, block.ln_1.eps, rms=False),
+                qkv_weight=qkv_weight, qkv_bias=qkv_bias, q_norm=None, k_norm=None,
+                o_weight=o_weight, o_bias=self._rank0(attn.c_proj.bias),
+                mlp_norm=Norm(block.ln_2.weight, block.ln_2.bias, block.ln_2.eps, rms=False),
+                up_weight=up_weight, up_bias=up_bias,
+                down_weight=down_weight, down_bias=self._rank0(mlp.c_proj.bias), gated=False, scale=scale,
+            ))
+        return layers
+
+    def _weight_addresses(self) -> list[int]:
+        return [p.data_ptr() for p in self.model.parameters()]
+
+    def is_current(self) -> bool:
+        """False once any model parameter was replaced or moved (model.to(...), a new nn.Parameter): rebuild."""
+        return self._weight_addresses() == self.weight_addresses
+
+    # -- caches -------------------------------------------------------------------------------------
+
+    def reserve(self, batch: int, max_len: int) -> None:
+        """Caches for at least `batch` sequences of `max_len` positions (prompt + new tokens); grows only."""
+        window = getattr(self.config, "sliding_window", None)
+        if window is not None and max_len > window:
+            raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the model's sliding window ({window}), "
+                             "which tritonize generation does not implement")
+        if self.gpt2 and max_len > self.position_embed.shape[0]:
+            raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds GPT-2's {self.position_embed.shape[0]} "
+                             "learned positions")
+        if batch <= self.cache_batch and max_len <= self.cache_len:
+            return
+        self.cache_batch = max(batch, self.cache_batch)
+        self.cache_len = max(math.ceil(max_len / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE, self.cache_len)
+        shape = (self.cache_batch, self.local_kv_heads, self.cache_len, self.head_dim)
+        weight = self.layers[0].qkv_weight
+        self.k_caches = [weight.new_zeros(shape) for _ in self.layers]
+        self.v_caches = [weight.new_zeros(shape) for _ in self.layers]
+        if not self.gpt2:
+            positions = torch.arange(self.cache_len, device=weight.device)[None]
+            cos, sin = self.rotary_emb(weight[:1], positions)  # HF's own rope numerics (scaling types included)
+            self.cos, self.sin = cos[0], sin[0]
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def _sum_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            torch.distributed.all_reduce(x, group=self.process_group)
+        return x
+
+    def _layer(self, index: int, h: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """Block `index` on h [batch, seq, hidden]; `attend(index, q, k, v)` returns [batch, heads, seq, dim]."""
+        layer = self.layers[index]
+        batch, seq, _ = h.shape
+        rank0 = self.tp_rank == 0
+        qkv = ops.linear(layer.attn_norm(h), layer.qkv_weight, layer.qkv_bias)
+        qkv = qkv.view(batch, seq, self.local_heads + 2 * self.local_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=2)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if not self.gpt2:
+            q, k = ops.rotary(q, k, self.cos[positions], self.sin[positions])
+        out = attend(index, q, k, v).transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim)
+        h = self._sum_ranks(ops.linear(out, layer.o_weight, layer.o_bias, residual=h if rank0 else None))
+        x = layer.mlp_norm(h)
+        if layer.gated:
+            x = ops.gated_mlp(x, layer.up_weight, activation=self.activation, bias=layer.up_bias)
+        else:
+            x = ops.linear(x, layer.up_weight, layer.up_bias, activation=self.activation)
+        return self._sum_ranks(ops.linear(x, layer.down_weight, layer.down_bias, residual=h if rank0 else None))
+
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(tokens, self.embed)
+        return h + F.embedding(positions, self.position_embed) if self.gpt2 else h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return ops.linear(self.final_norm(h), self.lm_head)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Runs left-padded prompts [batch, prompt_len] (mask True = real token) into the caches.
+
+        Call `reserve` first. Returns the logits of each sequence's last prompt token, [batch, vocab].
+        """
+        batch, prompt_len = input_ids.shape
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        self.key_start = (prompt_len - attention_mask.sum(-1)).to(torch.int32)
+        self.cache_seqlens = torch.full((batch,), prompt_len, dtype=torch.int32, device=input_ids.device)
+
+        def attend(index, q, k, v):
+            self.k_caches[index][:batch, :, :prompt_len] = k
+            self.v_caches[index][:batch, :, :prompt_len] = v
+            return ops.attention(q, k, v, scale=self.layers[index].scale, causal=True, key_padding_mask=attention_mask)
+
+        h = self._embed(input_ids, positions)
+        for index in range(len(self.layers)):
+            h = self._layer(index, h, positions, attend)
+        return self._logits(h[:, -1])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Appends tokens int64 [batch] to each sequence and returns the next logits [batch, vocab].
+
+        Fixed shapes, lengths read and advanced on the device: capturable in a CUDA graph.
+        """
+        batch = tokens.shape[0]
+        write_at = self.cache_seqlens.long()
+        positions = (self.cache_seqlens - self.key_start).long()[:, None]
+        seqlens = self.cache_seqlens + 1
+        rows = torch.arange(batch, device=tokens.device)
+
+        def attend(index, q, k, v):
+            k_cache, v_cache = self.k_caches[index][:batch], self.v_caches[index][:batch]
+            k_cache[rows, :, write_at] = k[:, :, 0]
+            v_cache[rows, :, write_at] = v[:, :, 0]
+            return ops.decode_attention(q, k_cache, v_cache, seqlens, scale=self.layers[index].scale,
+                                        key_start=self.key_start)
+
+        h = self._embed(tokens[:, None], positions)
+        for index in range(len(self.layers)):
+            h = self._layer(index, h, positions, attend)
+        self.cache_seqlens.copy_(seqlens)
+        return self._logits(h[:, 0])

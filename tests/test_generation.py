@@ -1,0 +1,347 @@
+"""tritonize.generate vs HF generate: tokens identical in fp32 (greedy), sampling distributions, eos, errors.
+
+On CPU the engine's kernels run through the Triton interpreter, so the models are tiny and the runs short;
+tests that need many rows (sampling statistics) run the ops' PyTorch references instead.
+"""
+
+import pytest
+import torch
+import transformers
+from helpers import relative_error
+
+import tritonize
+from tritonize import ops
+from tritonize.generation import DecoderEngine, decode_loop, filter_logits, select_tokens
+from tritonize.generation.api import ENGINE_ATTRIBUTE
+
+VOCAB = 97
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256)
+MODELS = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**TINY)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)),  # q/k/v biases
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY, head_dim=16)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=1, eos_token_id=2)),
+}
+
+
+def tiny(family: str, device="cpu") -> torch.nn.Module:
+    model = MODELS[family]().to(device).eval()
+    for param in model.parameters():  # HF's init (std 0.02) gives near-uniform logits: make choices clear-cut
+        if param.dim() == 2:
+            param.data.normal_(0, 0.2)
+    return model
+
+
+def hf_generate(model, ids, mask=None, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("do_sample", False)
+    return model.generate(ids, attention_mask=mask, **kwargs)
+
+
+def left_padded(lengths: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, VOCAB, (len(lengths), seq_len))
+    mask = (torch.arange(seq_len) >= seq_len - torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.fixture
+def reference_ops(monkeypatch):
+    """The ops run their PyTorch references (fast on CPU) instead of the interpreted Triton kernels."""
+    monkeypatch.setattr(ops, "_runs_triton", lambda t: False)
+
+
+# -- greedy tokens identical to HF ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_greedy_left_padded_batch_matches_hf(family):
+    model = tiny(family)
+    ids, mask = left_padded([7, 5, 2], 7)
+    expected = hf_generate(model, ids, mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0)
+    out = tritonize.generate(model, ids, mask, max_new_tokens=5, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_right_padded_rows_continue_like_each_row_alone(family):
+    model = tiny(family)
+    lengths = [6, 3]
+    ids = torch.randint(3, VOCAB, (2, 6))
+    mask = (torch.arange(6) < torch.tensor(lengths)[:, None]).long()
+    out = tritonize.generate(model, ids, mask, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(out[:, :6], ids)  # the prompt comes back as given
+    for row, length in enumerate(lengths):
+        alone = hf_generate(model, ids[row : row + 1, :length], max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(out[row, 6:], alone[0, length:])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_prefill_and_step_logits_match_hf(family, reference_ops):
+    model = tiny(family)
+    ids, mask = left_padded([6, 4], 6)
+    engine = DecoderEngine(model)
+    engine.reserve(2, 8)
+    logits = [engine.prefill(ids, mask.bool())]
+    new = torch.randint(3, VOCAB, (2, 2))
+    logits += [engine.step(new[:, i]) for i in range(2)]
+    for i, got in enumerate(logits):
+        full_ids, full_mask = torch.cat([ids, new[:, :i]], 1), torch.cat([mask, torch.ones(2, i).long()], 1)
+        position_ids = (full_mask.cumsum(-1) - 1).clamp_min(0)
+        with torch.no_grad():
+            want = model(full_ids, attention_mask=full_mask, position_ids=position_ids).logits[:, -1]
+        assert relative_error(got, want) < 1e-5
+
+
+def test_eos_stops_and_pads_like_hf():
+    model = tiny("llama")
+    ids, mask = left_padded([5, 3], 5)
+    free = hf_generate(model, ids, mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0)[:, 5:]
+    eos = int(free[0, 1])  # row 0 stops after 2 tokens; row 1 when (if) it produces the same token
+    expected = hf_generate(model, ids, mask, max_new_tokens=5, eos_token_id=eos, pad_token_id=0)
+    out = tritonize.generate(model, ids, mask, max_new_tokens=5, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, expected)
+    assert (out[0, 7:] == 0).all()
+
+    # both rows stop early: HF's output is shorter than max_new_tokens, so must ours be
+    both = [int(free[0, 0]), int(free[1, 1])]
+    expected = hf_generate(model, ids, mask, max_new_tokens=5, eos_token_id=both, pad_token_id=0)
+    out = tritonize.generate(model, ids, mask, max_new_tokens=5, eos_token_id=both, pad_token_id=0)
+    assert out.shape[1] < 5 + 5 and torch.equal(out, expected)
+
+
+def test_min_new_tokens_blocks_eos_like_hf():
+    model = tiny("gpt2")
+    ids = torch.randint(3, VOCAB, (1, 4))
+    eos = int(hf_generate(model, ids, max_new_tokens=1, eos_token_id=None, pad_token_id=0)[0, -1])
+    expected = hf_generate(model, ids, max_new_tokens=5, min_new_tokens=3, eos_token_id=eos, pad_token_id=0)
+    out = tritonize.generate(model, ids, max_new_tokens=5, min_new_tokens=3, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, expected)
+    assert eos not in out[0, 4:7].tolist()
+
+
+def test_engine_shares_weights_and_is_reused(reference_ops):
+    model = tiny("llama")
+    ids = torch.randint(3, VOCAB, (2, 4))
+    with torch.no_grad():
+        logits_before = model(ids).logits
+    tritonize.generate(model, ids, max_new_tokens=2, eos_token_id=[])
+    engine = getattr(model, ENGINE_ATTRIBUTE)
+    qkv = engine.layers[0].qkv_weight
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()  # one copy of the weights
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits_before)  # the HF model still works on the shared views
+    tritonize.generate(model, torch.randint(3, VOCAB, (3, 60)), max_new_tokens=6, eos_token_id=[])
+    assert getattr(model, ENGINE_ATTRIBUTE) is engine and engine.cache_batch == 3 and engine.cache_len >= 66
+
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    tritonize.generate(model, ids, max_new_tokens=1, eos_token_id=[])
+    assert getattr(model, ENGINE_ATTRIBUTE) is not engine  # a replaced parameter rebuilds the engine
+
+
+def test_model_after_optimize_model(reference_ops):
+    model = tiny("qwen2")
+    ids, mask = left_padded([5, 2], 5)
+    expected = hf_generate(model, ids, mask, max_new_tokens=3, eos_token_id=None, pad_token_id=0)
+    tritonize.optimize_model(model)
+    assert torch.equal(tritonize.generate(model, ids, mask, max_new_tokens=3, eos_token_id=[]), expected)
+
+
+# -- sampling -----------------------------------------------------------------------------------------
+
+
+def test_filters_match_hf_warpers():
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(4, 50) * 3
+    logits[0, :5] = logits[0, 5]  # ties at the top-k and top-p boundaries
+    for temperature, top_k, top_p in [(0.7, 10, 0.9), (1.3, 5, None), (1.0, None, 0.5), (0.5, 1, 0.2)]:
+        want = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            want = TopKLogitsWarper(top_k)(None, want)
+        if top_p:
+            want = TopPLogitsWarper(top_p)(None, want)
+        got = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+
+SAMPLING_SETTINGS = [(0.6, None, None), (1.5, 20, None), (0.7, None, 0.8), (0.8, 12, 0.9)]
+
+
+def assert_follows(tokens: torch.Tensor, logits: torch.Tensor, temperature: float, top_k, top_p) -> float:
+    """Samples `tokens` never leave the filtered support and their frequencies are within a total-variation
+    bound of softmax(filtered logits): about 4x the bound's expected value, sum(sqrt(2/pi) sigma_i) / 2."""
+    expected = filter_logits(logits[None], temperature=temperature, top_k=top_k, top_p=top_p)[0].double().softmax(-1)
+    counts = torch.bincount(tokens, minlength=logits.shape[0]).double()
+    assert counts[expected == 0].sum() == 0  # nothing outside top-k / top-p, ever
+    bound = 0.8 * (expected * (1 - expected) / tokens.numel()).sqrt().sum().item()
+    distance = 0.5 * (counts / tokens.numel() - expected).abs().sum().item()
+    assert distance <= bound, f"total variation {distance:.4f} >= {bound:.4f}"
+    return bound
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", SAMPLING_SETTINGS)
+def test_loop_samples_follow_filtered_softmax(temperature, top_k, top_p):
+    samples, logits = 100_000, torch.randn(VOCAB, generator=torch.Generator().manual_seed(0))
+    tokens = decode_loop(None, logits.expand(samples, -1), max_new_tokens=1, do_sample=True, temperature=temperature,
+                         top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(1234))[:, 0]
+    bound = assert_follows(tokens, logits, temperature, top_k, top_p)
+    wrong = filter_logits(logits[None], temperature=temperature * 1.25, top_k=top_k, top_p=top_p)[0].softmax(-1)
+    right = filter_logits(logits[None], temperature=temperature, top_k=top_k, top_p=top_p)[0].softmax(-1)
+    assert 0.5 * (wrong - right).abs().sum().item() > 2 * bound  # the test would see a wrong temperature
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", SAMPLING_SETTINGS[::3])
+def test_sampled_first_token_follows_filtered_softmax(temperature, top_k, top_p, reference_ops):
+    samples = 3000
+    model = tiny("llama")
+    prompt = torch.randint(3, VOCAB, (1, 3))
+    with torch.no_grad():
+        logits = model(prompt).logits[0, -1]
+    out = tritonize.generate(model, prompt.expand(samples, -1), max_new_tokens=1, do_sample=True,
+                             temperature=temperature, top_k=top_k or 0, top_p=top_p,
+                             generator=torch.Generator().manual_seed(1234))
+    assert_follows(out[:, -1], logits, temperature, top_k, top_p)
+
+
+def test_top_k_one_is_greedy(reference_ops):
+    model = tiny("mistral")
+    ids, mask = left_padded([6, 3], 6)
+    greedy = tritonize.generate(model, ids, mask, max_new_tokens=6, eos_token_id=[])
+    sampled = tritonize.generate(model, ids, mask, max_new_tokens=6, eos_token_id=[], do_sample=True, top_k=1,
+                                 temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, greedy)
+
+
+# -- the loop on its own (the contract engines code against) ---------------------------------------
+
+
+def scripted_step(rows: list[list[int]], vocab: int = 10):
+    """A fake model whose step t makes each row choose rows[b][t + 1] (greedy); the calls it got are recorded."""
+    fed = []
+
+    def logits_for(t: int) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor([r[t] for r in rows]), vocab).float()
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        fed.append(tokens.clone())
+        return logits_for(len(fed))
+
+    return logits_for(0), step, fed
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_loop_stops_when_every_row_finished(check_every):
+    first, step, fed = scripted_step([[4, 9, 5, 6, 7, 7, 7, 7], [3, 4, 9, 5, 6, 6, 6, 6]])
+    out = decode_loop(step, first, max_new_tokens=8, eos_token_id=9, pad_token_id=0, eos_check_every=check_every)
+    assert out.tolist() == [[4, 9, 0], [3, 4, 9]]  # HF's length: 3 steps; row 0 padded after its eos
+    assert torch.equal(fed[0], torch.tensor([4, 3]))  # step gets the tokens just chosen
+    assert len(fed) == (2 if check_every == 1 else 3)  # extra steps only up to the next check
+
+
+def test_loop_min_new_tokens_and_pad_default():
+    first, step, _ = scripted_step([[9, 9, 1, 1, 1], [3, 4, 4, 8, 4]])
+    first = first + torch.nn.functional.one_hot(torch.tensor([2, 2]), 10) * 0.5  # second choice: token 2
+    out = decode_loop(step, first, max_new_tokens=5, min_new_tokens=1, eos_token_id=[9, 8])
+    assert out.tolist() == [[2, 9, 9, 9], [3, 4, 4, 8]]  # eos blocked at step 0 only; pad defaults to the first eos
+
+
+def test_loop_and_generate_reject_bad_arguments():
+    first, step, _ = scripted_step([[1, 2]])
+    for bad in [dict(max_new_tokens=0), dict(max_new_tokens=2, do_sample=True, temperature=0.0),
+                dict(max_new_tokens=2, do_sample=True, top_p=1.5), dict(max_new_tokens=2, eos_check_every=0),
+                dict(max_new_tokens=2, eos_token_id=-1)]:
+        with pytest.raises(ValueError):
+            decode_loop(step, first, **bad)
+    with pytest.raises(ValueError, match="bert.*supported: llama, mistral, qwen2, qwen3, gpt2"):
+        tritonize.generate(transformers.BertLMHeadModel(transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, is_decoder=True)).eval(),
+            torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="no lm_head"):
+        tritonize.generate(model.model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="int64 tensor"):
+        tritonize.generate(model, torch.zeros(3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="is on meta"):
+        tritonize.generate(model, torch.zeros(1, 3, dtype=torch.long, device="meta"), max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least one real token"):
+        tritonize.generate(model, torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [0, 0, 0]]),
+                           max_new_tokens=2)
+    model.generation_config.repetition_penalty = 1.2
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        tritonize.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+
+
+def test_select_tokens_greedy_is_argmax():
+    logits = torch.randn(5, 30)
+    assert torch.equal(select_tokens(logits), logits.argmax(-1))
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_bf16_agrees_with_hf_on_cuda():
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=1024,
+        vocab_size=1000)).to("cuda", torch.bfloat16).eval()
+    for param in model.parameters():
+        if param.dim() == 2:
+            param.data.normal_(0, 0.05)
+    ids, mask = left_padded([32, 20, 9, 32] * 4, 32)
+    ids, mask = ids.cuda(), mask.cuda()
+    expected = hf_generate(model, ids, mask, max_new_tokens=64, eos_token_id=None, pad_token_id=0)
+    out = tritonize.generate(model, ids, mask, max_new_tokens=64, eos_token_id=[], pad_token_id=0)
+    # bf16 rounding differs between kernels: a near tie flips a token and the rest of the row follows it, so
+    # count each row's tokens up to its first difference
+    agree = [(o != e).int().argmax().item() if (o != e).any() else 64
+             for o, e in zip(out[:, 32:], expected[:, 32:], strict=True)]
+    assert sum(agree) / (16 * 64) >= 0.95, agree
+
+
+@pytest.mark.gpu
+def test_cuda_graph_loop():
+    model = tiny("qwen3", device="cuda")
+    ids, mask = left_padded([9, 4, 7], 9)
+    ids, mask = ids.cuda(), mask.cuda()
+
+    def run(graph: bool, seed: int | None = None) -> torch.Tensor:
+        sampling = dict(do_sample=True, generator=torch.Generator("cuda").manual_seed(seed)) if seed is not None else {}
+        return tritonize.generate(model, ids, mask, max_new_tokens=40, eos_token_id=[], cuda_graph=graph, **sampling)
+
+    assert torch.equal(run(graph=True), run(graph=False))
+    assert torch.equal(run(graph=True, seed=7), run(graph=True, seed=7))  # the generator drives the replays
+    assert not torch.equal(run(graph=True, seed=7), run(graph=True, seed=8))
+
+
+# -- tensor parallelism (2 CPU processes over gloo) ----------------------------------------------
+
+
+def _tensor_parallel_rank(rank: int, store: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        ops._runs_triton = lambda t: False  # this process only: the references keep it fast
+        for family in ("qwen2", "gpt2"):  # GQA with q/k/v biases; fused Conv1D qkv with biases everywhere
+            torch.manual_seed(0)  # both ranks build the same model and prompts
+            model = tiny(family)
+            ids, mask = left_padded([6, 3], 6)
+            expected = hf_generate(model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+            engine = DecoderEngine(model, tp_rank=rank, tp_size=2)
+            assert engine.local_heads == 2  # of 4
+            engine.reserve(2, 10)
+            new = decode_loop(engine.step, engine.prefill(ids, mask.bool()), max_new_tokens=4)
+            assert torch.equal(new, expected[:, 6:]), family
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_engine_matches_hf(tmp_path):
+    torch.multiprocessing.start_processes(_tensor_parallel_rank, args=(str(tmp_path / "store"),), nprocs=2,
+                                          start_method="fork")  # no re-import of torch and transformers
