@@ -1,40 +1,13 @@
 """T5 generation (tritonize.generation.t5) vs HF T5ForConditionalGeneration: encoder states, decoder logits
 step by step, and greedy tokens identical to HF `generate` (fp32 on CPU; bf16 agreement on a GPU)."""
 
-import sys
-import types
-
 import pytest
 import torch
 import transformers
 from helpers import assert_close
 
 from tritonize import ops
-
-try:
-    import tritonize.generation.loop  # noqa: F401
-except ImportError:  # until branch `gen` is merged: a greedy stand-in for the shared loop's contract
-
-    def _greedy_loop(step, first_logits, *, max_new_tokens, min_new_tokens=0, eos_token_id=None, pad_token_id=None,
-                     do_sample=False, **_):
-        assert not do_sample, "the stand-in loop is greedy only"
-        eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=first_logits.device).flatten()
-        finished = torch.zeros(first_logits.shape[0], dtype=torch.bool, device=first_logits.device)
-        tokens, logits = [], first_logits
-        for index in range(max_new_tokens):
-            if index < min_new_tokens:
-                logits = logits.index_fill(1, eos.long(), float("-inf"))
-            chosen = torch.where(finished, pad_token_id if pad_token_id is not None else 0, logits.argmax(-1))
-            tokens.append(chosen)
-            finished |= torch.isin(chosen, eos)
-            if finished.all() or index + 1 == max_new_tokens:
-                break
-            logits = step(chosen)
-        return torch.stack(tokens, dim=1)
-
-    sys.modules["tritonize.generation.loop"] = types.SimpleNamespace(decode_loop=_greedy_loop)
-
-from tritonize.generation.t5 import T5Request, generate_t5  # noqa: E402
+from tritonize.generation.t5 import T5Request, generate_t5
 
 FEED_FORWARDS = ("relu", "gated-gelu")
 
@@ -152,6 +125,14 @@ def test_defaults_come_from_generation_config(reference_ops):
     model.generation_config.eos_token_id = eos_seen_early(model, input_ids, mask)
     assert torch.equal(generate_t5(model, input_ids, mask, max_new_tokens=10),
                        hf_generate(model, input_ids, mask, max_new_tokens=10))
+
+
+def test_sampling_with_top_k_1_is_greedy(reference_ops):
+    model = tiny_t5("gated-gelu")
+    input_ids, mask = padded_batch([7, 5])
+    sampled = generate_t5(model, input_ids, mask, max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7,
+                          generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, hf_generate(model, input_ids, mask, max_new_tokens=10))
 
 
 def test_rejects_float16_and_other_models():

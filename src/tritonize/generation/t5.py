@@ -19,6 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from tritonize.generation.api import HF_SAMPLING_DEFAULTS, UNSUPPORTED_SETTINGS
 from tritonize.generation.loop import decode_loop
 from tritonize.ops import attention, linear, rms_norm
 
@@ -183,6 +184,23 @@ class T5Request:
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.heads * self.head_dim)
 
 
+def _resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p) -> dict:
+    """Arguments left at None from model.generation_config (then HF's sampling defaults), as HF does;
+    raises on a generation_config setting that HF would apply and tritonize does not."""
+    config = model.generation_config
+    for name, off in UNSUPPORTED_SETTINGS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != off:
+            raise ValueError(f"model.generation_config.{name} = {value!r}: HF generate would apply it and "
+                             f"tritonize.generate does not; set it to {off!r} to generate without it")
+    settings = {"eos_token_id": config.eos_token_id if eos_token_id is None else eos_token_id,
+                "pad_token_id": config.pad_token_id if pad_token_id is None else pad_token_id}
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        settings[name] = next(v for v in (value, getattr(config, name, None), HF_SAMPLING_DEFAULTS[name])
+                              if v is not None)
+    return settings
+
+
 def generate_t5(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -191,29 +209,31 @@ def generate_t5(
     max_new_tokens: int,
     min_new_tokens: int = 0,
     do_sample: bool = False,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
-    """What HF `model.generate` returns for T5: int64 [batch, 1 + n_new], the decoder start token first,
-    then the new tokens, pad after each sequence's eos. eos and pad default to the model's
-    generation_config. Sampling arguments as in `tritonize.generate`.
+    """HF `model.generate(input_ids, attention_mask, ...)` for T5: int64 [batch, 1 + n_new], the decoder
+    start token first, then the new tokens, pad after each sequence's eos.
+
+    Arguments as in `tritonize.generate` (None: model.generation_config's value; eos_token_id=[]: no eos).
+    attention_mask: 1 = real token, padding anywhere.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    defaults = model.generation_config
-    eos_token_id = defaults.eos_token_id if eos_token_id is None else eos_token_id
-    pad_token_id = defaults.pad_token_id if pad_token_id is None else pad_token_id
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if attention_mask is not None and not attention_mask.bool().any(dim=1).all():
+        raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+    check_model(model)
+    settings = _resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
     with torch.inference_mode():
         request = T5Request(model, input_ids, attention_mask, max_new_tokens)
         start = torch.full((input_ids.shape[0],), model.config.decoder_start_token_id, dtype=torch.long,
                            device=input_ids.device)
-        new_tokens = decode_loop(
-            request.step, request.step(start), max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, cuda_graph=input_ids.is_cuda, generator=generator,
-        )
+        new_tokens = decode_loop(request.step, request.step(start), max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens, do_sample=do_sample, generator=generator,
+                                 cuda_graph=cuda_graph, **settings)
     return torch.cat([start[:, None], new_tokens], dim=1)
