@@ -231,8 +231,9 @@ def generate_t5(
     settings = _resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
     with torch.inference_mode():
         request = T5Request(model, input_ids, attention_mask, max_new_tokens)
-        start = torch.full((input_ids.shape[0],), model.config.decoder_start_token_id, dtype=torch.long,
-                           device=input_ids.device)
+        start_token = model.generation_config.decoder_start_token_id
+        start_token = model.config.decoder_start_token_id if start_token is None else start_token
+        start = torch.full((input_ids.shape[0],), start_token, dtype=torch.long, device=input_ids.device)
         new_tokens = decode_loop(request.step, request.step(start), max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, do_sample=do_sample, generator=generator,
                                  cuda_graph=cuda_graph, **settings)
