@@ -85,10 +85,13 @@ def test_greedy_padded_batch_matches_hf_through_kernels():
 
 
 @pytest.mark.parametrize("feed_forward_proj", FEED_FORWARDS)
-@pytest.mark.parametrize("lengths", [[11], [11, 4, 8]], ids=["single", "padded-batch"])
-def test_greedy_matches_hf_generate(feed_forward_proj, lengths, reference_ops):
+@pytest.mark.parametrize("lengths, left_padded", [([11], False), ([11, 4, 8], False), ([11, 4, 8], True)],
+                         ids=["single", "right-padded-batch", "left-padded-batch"])
+def test_greedy_matches_hf_generate(feed_forward_proj, lengths, left_padded, reference_ops):
     model = tiny_t5(feed_forward_proj)
     input_ids, mask = padded_batch(lengths)
+    if left_padded:
+        input_ids, mask = input_ids.flip(1), mask.flip(1)
     expected = hf_generate(model, input_ids, mask, max_new_tokens=20)
     ours = generate_t5(model, input_ids, None if len(lengths) == 1 else mask, max_new_tokens=20)
     assert torch.equal(ours, expected)
