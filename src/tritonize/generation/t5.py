@@ -1,0 +1,240 @@
+"""T5 (encoder-decoder) generation on tritonize ops: the encoder once per request, then a decoder step
+that the shared decode loop (`generation.loop.decode_loop`) can capture in a CUDA graph.
+
+`T5Request` holds one request's state: the encoder's padding mask, every decoder layer's cross-attention
+K/V (computed once), the self-attention KV cache [batch, heads, max_len, head_dim] and the decoder
+position as a device tensor. `step` writes the new token's K/V at that position, attends, and advances
+the position in place: fixed shapes, fixed addresses, no host sync. It shares the HF model's weights.
+
+Decoder self-attention runs `ops.attention` (q_len 1) over the whole cache with the step's relative
+position bias row and a key-padding mask `key position <= decoder position`, both built on the device.
+The attention kernel reads the mask's first and last attended key, so each step only loops over the
+keys written so far. (`ops.decode_attention` takes no additive bias, which T5's decoder needs.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from tritonize.generation.api import HF_SAMPLING_DEFAULTS, UNSUPPORTED_SETTINGS
+from tritonize.generation.loop import decode_loop
+from tritonize.ops import attention, linear, rms_norm
+
+# HF's T5 `dense_act_fn` names -> tritonize.ops.linear activations
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "silu": "silu", "swish": "silu"}
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Raises if tritonize's T5 engine cannot run `model` (an HF T5ForConditionalGeneration)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "t5" or not hasattr(model, "lm_head"):
+        raise TypeError(f"expected a transformers T5ForConditionalGeneration, got {type(model).__name__}")
+    dtype = model.shared.weight.dtype
+    if dtype == torch.float16:
+        raise TypeError("T5 overflows in float16 (its feed-forward activations exceed 65504); load the model "
+                        "in bfloat16 (torch_dtype=torch.bfloat16) or float32")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"T5 weights must be bfloat16 or float32, got {dtype}")
+    if config.dense_act_fn not in ACTIVATIONS:
+        raise ValueError(f"unsupported T5 feed-forward activation {config.dense_act_fn!r}; "
+                         f"supported: {sorted(ACTIVATIONS)}")
+
+
+class T5Request:
+    """One generation request: encoder output turned into cross-attention K/V, and the decoder's caches.
+
+    input_ids: int64 [batch, src_len]; attention_mask: [batch, src_len], nonzero = real token (None: all
+    real); max_new_tokens: decoder positions to hold after the decoder start token.
+    """
+
+    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 max_new_tokens: int):
+        check_model(model)
+        config = model.config
+        self.model = model
+        self.heads, self.head_dim, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
+        self.activation = ACTIVATIONS[config.dense_act_fn]
+        self.gated = config.is_gated_act
+        self.dtype = model.shared.weight.dtype
+        # HF keeps the feed-forward output projections ("wo") in fp32 when loading in bf16, which makes the
+        # residual stream fp32 from the first feed-forward on; keep it in that dtype throughout.
+        wo_dtype = model.encoder.block[0].layer[-1].DenseReluDense.wo.weight.dtype
+        self.residual_dtype = torch.promote_types(self.dtype, wo_dtype)
+        # T5 v1.0 rescales the decoder output before the tied lm_head; v1.1 / flan do not
+        # (transformers 5 keeps that flag in scale_decoder_outputs and forces tie_word_embeddings to True)
+        scaled = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
+        self.output_scale = config.d_model**-0.5 if scaled else None
+
+        device = model.shared.weight.device
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be int64 [batch, seq_len], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.device != device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        self.encoder_mask = attention_mask.to(device=device, dtype=torch.bool)
+
+        encoder_states = self.encode(input_ids).to(self.dtype)
+        self.cross_kv = [
+            tuple(self._split_heads(linear(encoder_states, projection.weight)).contiguous()
+                  for projection in (block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v))
+            for block in model.decoder.block
+        ]
+        batch, max_len = input_ids.shape[0], max_new_tokens + 1
+        cache_shape = (batch, self.heads, max_len, self.head_dim)
+        self.self_kv = [(torch.zeros(cache_shape, dtype=self.dtype, device=device),
+                         torch.zeros(cache_shape, dtype=self.dtype, device=device)) for _ in model.decoder.block]
+        # the decoder's causal relative position bias by distance (query - key) in [0, max_len): [heads, max_len]
+        position_bias = model.decoder.block[0].layer[0].SelfAttention
+        buckets = position_bias._relative_position_bucket(
+            -torch.arange(max_len, device=device), bidirectional=False,
+            num_buckets=position_bias.relative_attention_num_buckets,
+            max_distance=position_bias.relative_attention_max_distance)
+        self.bias_by_distance = position_bias.relative_attention_bias(buckets).T
+        self.key_positions = torch.arange(max_len, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # where the next token's K/V go
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The encoder's last hidden state [batch, src_len, d_model] (after its final norm)."""
+        encoder = self.model.encoder
+        src_len = input_ids.shape[1]
+        bias = encoder.block[0].layer[0].SelfAttention.compute_bias(src_len, src_len, input_ids.device)
+        hidden = F.embedding(input_ids, encoder.embed_tokens.weight)
+        self_attention = functools.partial(self._encoder_self_attention, bias=bias)
+        return self._run_stack(encoder, hidden, (self_attention, self._feed_forward))
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Appends tokens (int64 [batch]) at the decoder position; returns the next logits [batch, vocab]."""
+        decoder = self.model.decoder
+        hidden = F.embedding(tokens[:, None], decoder.embed_tokens.weight)
+        seen_keys = (self.key_positions <= self.position).expand(tokens.shape[0], -1)
+        distances = (self.position - self.key_positions).clamp(min=0)  # keys past the position are masked
+        bias = self.bias_by_distance.index_select(1, distances)[None, :, None, :]  # [1, heads, 1, max_len]
+        self_attention = functools.partial(self._decoder_self_attention, seen_keys=seen_keys, bias=bias)
+        hidden = self._run_stack(decoder, hidden, (self_attention, self._cross_attention, self._feed_forward))
+        self.position += 1
+        hidden = hidden.to(self.dtype)
+        if self.output_scale is not None:
+            hidden = hidden * self.output_scale
+        return linear(hidden[:, 0], self.model.lm_head.weight)
+
+    # -- blocks -------------------------------------------------------------------------------------
+
+    def _run_stack(self, stack, hidden: torch.Tensor, sublayers) -> torch.Tensor:
+        """hidden += sublayer(norm(hidden)) for each sublayer of each block, then the final norm.
+
+        Each residual add is fused into the next norm. sublayers[i](block_index, block.layer[i], normed).
+        """
+        hidden = hidden.to(self.residual_dtype)
+        update = None
+        for index, block in enumerate(stack.block):
+            for layer, sublayer in zip(block.layer, sublayers, strict=True):
+                normed, hidden = self._add_and_norm(layer.layer_norm, hidden, update)
+                update = sublayer(index, layer, normed.to(self.dtype))
+        return self._add_and_norm(stack.final_layer_norm, hidden, update)[0]
+
+    def _add_and_norm(self, layer_norm, hidden, update):
+        """(norm(hidden + update), hidden + update), update None meaning nothing to add."""
+        if update is None:
+            return rms_norm(hidden, layer_norm.weight, self.eps, variant="t5"), hidden
+        return rms_norm(update.to(hidden.dtype), layer_norm.weight, self.eps, residual=hidden, variant="t5")
+
+    def _encoder_self_attention(self, _, layer, x, *, bias):
+        module = layer.SelfAttention
+        q, k, v = (self._split_heads(linear(x, p.weight)) for p in (module.q, module.k, module.v))
+        out = attention(q, k, v, scale=1.0, key_padding_mask=self.encoder_mask, bias=bias)
+        return linear(self._merge_heads(out), module.o.weight)
+
+    def _decoder_self_attention(self, index, layer, x, *, seen_keys, bias):
+        module = layer.SelfAttention
+        q, k, v = (self._split_heads(linear(x, p.weight)) for p in (module.q, module.k, module.v))
+        k_cache, v_cache = self.self_kv[index]
+        k_cache.index_copy_(2, self.position, k)
+        v_cache.index_copy_(2, self.position, v)
+        out = attention(q, k_cache, v_cache, scale=1.0, key_padding_mask=seen_keys, bias=bias)
+        return linear(self._merge_heads(out), module.o.weight)
+
+    def _cross_attention(self, index, layer, x):
+        module = layer.EncDecAttention
+        k, v = self.cross_kv[index]
+        out = attention(self._split_heads(linear(x, module.q.weight)), k, v, scale=1.0,
+                        key_padding_mask=self.encoder_mask)
+        return linear(self._merge_heads(out), module.o.weight)
+
+    def _feed_forward(self, _, layer, x):
+        dense = layer.DenseReluDense
+        if self.gated:
+            hidden = linear(x, dense.wi_0.weight, activation=self.activation) * linear(x, dense.wi_1.weight)
+        else:
+            hidden = linear(x, dense.wi.weight, activation=self.activation)
+        return linear(hidden.to(dense.wo.weight.dtype), dense.wo.weight)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # [batch, seq, heads * d] -> [batch, heads, seq, d]
+        return x.view(*x.shape[:2], self.heads, self.head_dim).transpose(1, 2)
+
+    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:  # [batch, heads, seq, d] -> [batch, seq, heads * d]
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.heads * self.head_dim)
+
+
+def _resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p) -> dict:
+    """Arguments left at None from model.generation_config (then HF's sampling defaults), as HF does;
+    raises on a generation_config setting that HF would apply and tritonize does not."""
+    config = model.generation_config
+    for name, off in UNSUPPORTED_SETTINGS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != off:
+            raise ValueError(f"model.generation_config.{name} = {value!r}: HF generate would apply it and "
+                             f"tritonize.generate does not; set it to {off!r} to generate without it")
+    settings = {"eos_token_id": config.eos_token_id if eos_token_id is None else eos_token_id,
+                "pad_token_id": config.pad_token_id if pad_token_id is None else pad_token_id}
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        settings[name] = next(v for v in (value, getattr(config, name, None), HF_SAMPLING_DEFAULTS[name])
+                              if v is not None)
+    return settings
+
+
+def generate_t5(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    cuda_graph: bool = True,
+) -> torch.Tensor:
+    """HF `model.generate(input_ids, attention_mask, ...)` for T5: int64 [batch, 1 + n_new], the decoder
+    start token first, then the new tokens, pad after each sequence's eos.
+
+    Arguments as in `tritonize.generate` (None: model.generation_config's value; eos_token_id=[]: no eos).
+    attention_mask: 1 = real token, padding anywhere.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if attention_mask is not None and not attention_mask.bool().any(dim=1).all():
+        raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+    check_model(model)
+    settings = _resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
+    with torch.inference_mode():
+        request = T5Request(model, input_ids, attention_mask, max_new_tokens)
+        start_token = model.generation_config.decoder_start_token_id
+        start_token = model.config.decoder_start_token_id if start_token is None else start_token
+        start = torch.full((input_ids.shape[0],), start_token, dtype=torch.long, device=input_ids.device)
+        new_tokens = decode_loop(request.step, request.step(start), max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens, do_sample=do_sample, generator=generator,
+                                 cuda_graph=cuda_graph, **settings)
+    return torch.cat([start[:, None], new_tokens], dim=1)
