@@ -6,6 +6,7 @@ import torch
 import transformers
 from helpers import assert_close
 
+import tritonize
 from tritonize import ops
 from tritonize.generation.t5 import T5Request, generate_t5
 
@@ -79,6 +80,7 @@ def test_greedy_padded_batch_matches_hf_through_kernels():
     input_ids, mask = padded_batch([6, 3])
     expected = hf_generate(model, input_ids, mask, max_new_tokens=6)
     assert torch.equal(generate_t5(model, input_ids, mask, max_new_tokens=6), expected)
+    assert torch.equal(tritonize.generate(model, input_ids, mask, max_new_tokens=6), expected)  # routed to T5
 
 
 # -- through the op references (same engine code, fast) -------------------------------------------------

@@ -38,7 +38,7 @@ def _check_model(model: object) -> torch.nn.Module:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES or getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"tritonize.generate does not support model type {model_type!r} ({type(model).__name__}); "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}, t5")
     if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
         raise ValueError(f"{type(model).__name__} has no lm_head: pass the *ForCausalLM model, not the base model")
     if model.training:
@@ -86,7 +86,16 @@ def generate(
     as HF does (for sampling, HF's defaults after that: temperature 1, top_k 50, top_p 1); eos_token_id=[]
     generates without an eos (HF: an explicit eos_token_id=None). generator
     seeds sampling. cuda_graph: replay each decode step from one CUDA graph (CUDA only).
+    T5 (T5ForConditionalGeneration) goes to `generation.t5.generate_t5`: [batch, 1 + n_new], the
+    decoder start token first, as HF returns it.
     """
+    if getattr(getattr(model, "config", None), "model_type", None) == "t5":
+        from tritonize.generation.t5 import generate_t5  # t5 imports this module's settings tables
+
+        return generate_t5(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                           min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                           top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
+                           cuda_graph=cuda_graph)
     model = _check_model(model)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
