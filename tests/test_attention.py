@@ -128,8 +128,8 @@ def test_opcheck(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_seq_major_output_and_mask_scanned_in_several_steps(dtype, device, monkeypatch):
     """seq_major=True writes [batch, q_len, heads, head_dim]; the kernel finds each row's attended key
-    range in MAX_SCAN_BLOCK steps (2 steps of 16 here), with holes inside the range."""
-    monkeypatch.setattr(attention_kernel, "MAX_SCAN_BLOCK", 16)
+    range in KEY_SCAN_BLOCK steps (2 steps of 16 here), with holes inside the range."""
+    monkeypatch.setattr(attention_kernel, "KEY_SCAN_BLOCK", 16)
     q, k, v = make_qkv(3, 2, 1, 9, 27, 32, dtype, device)
     mask = torch.rand(3, 27, device=device) > 0.3
     mask[0, :20] = False  # attended keys only in the second scan step

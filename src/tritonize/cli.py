@@ -101,7 +101,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
     from tritonize.bench import generation
     from tritonize.bench.report import markdown_table, write_results
 
-    payload = generation.run(tuple(args.models))
+    payload = generation.run(tuple(args.models), args.engines)
     rows = payload["rows"]
     path = write_results("bench-generate-" + "-".join(args.models), payload, Path(args.out))
     print(markdown_table(rows))
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     model_bench.set_defaults(handler=_bench_model)
     gen = sub.add_parser("bench-generate", help="time tritonize.generate vs HF generate (Llama-style 1.7 GB, T5-base)")
     gen.add_argument("--models", nargs="+", default=["llama", "t5"], choices=["llama", "t5"])
+    gen.add_argument("--engines", nargs="+", choices=["hf-generate-dynamic-cache", "hf-generate-static-cache",
+                                                      "tritonize"], help="time only these engines (default: all)")
     gen.add_argument("--out", default="benchmarks/results", help="folder for the JSON and Markdown results")
     gen.set_defaults(handler=_bench_generate)
     debug = sub.add_parser("debug", help="run one kernel bounds-checked on CPU and compare it with its reference",

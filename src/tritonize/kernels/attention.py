@@ -180,7 +180,9 @@ _CONFIGS_16BIT = {64: AttentionConfig(128, 64, 8, 4), 128: AttentionConfig(128, 
                   256: AttentionConfig(64, 64, 4, 3)}
 _SHORT_QUERY_CONFIG = AttentionConfig(64, 64, 4, 3)  # up to SHORT_QUERY_LEN rows: more, lighter programs
 SHORT_QUERY_LEN = 1024
-MAX_SCAN_BLOCK = 1024  # mask bytes read per step while a program looks for its attended key range
+# mask bytes read per step while a program looks for its attended key range; one fixed value, so no
+# sequence length ever compiles a new variant of the kernel
+KEY_SCAN_BLOCK = 256
 _CONFIGS_FP32 = {64: AttentionConfig(128, 64, 8, 2), 128: AttentionConfig(64, 32, 8, 2),
                  256: AttentionConfig(32, 32, 4, 1)}
 
@@ -240,7 +242,7 @@ def flash_attention_fwd(
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=causal, HAS_BIAS=has_bias, HAS_KPM=has_kpm,
-        SCAN_BLOCK=min(MAX_SCAN_BLOCK, triton.next_power_of_2(kv_len)), INPUT_PRECISION=dot_precision(q.dtype),
+        SCAN_BLOCK=KEY_SCAN_BLOCK, INPUT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
