@@ -245,8 +245,13 @@ class DecoderEngine:
             torch.distributed.all_reduce(x, group=self.process_group)
         return x
 
-    def _layer(self, index: int, h: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """Block `index` on h [batch, seq, hidden]; `attend(index, q, k, v)` returns [batch, heads, seq, dim]."""
+    def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin [batch, seq, rotary_dim] at positions [batch, seq], gathered once for every layer."""
+        return None if self.gpt2 else (self.cos[positions], self.sin[positions])
+
+    def _layer(self, index: int, h: torch.Tensor, rotation, attend) -> torch.Tensor:
+        """Block `index` on h [batch, seq, hidden]; rotation: `_rotation(positions)`; `attend(index, q, k, v)`
+        returns [batch, heads, seq, dim]."""
         layer = self.layers[index]
         batch, seq, _ = h.shape
         rank0 = self.tp_rank == 0
@@ -256,8 +261,8 @@ class DecoderEngine:
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if not self.gpt2:
-            q, k = ops.rotary(q, k, self.cos[positions], self.sin[positions])
+        if rotation is not None:
+            q, k = ops.rotary(q, k, *rotation)
         out = attend(index, q, k, v).transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim)
         h = self._sum_ranks(ops.linear(out, layer.o_weight, layer.o_bias, residual=h if rank0 else None))
         x = layer.mlp_norm(h)
@@ -289,9 +294,9 @@ class DecoderEngine:
             self.v_caches[index][:batch, :, :prompt_len] = v
             return ops.attention(q, k, v, scale=self.layers[index].scale, causal=True, key_padding_mask=attention_mask)
 
-        h = self._embed(input_ids, positions)
+        h, rotation = self._embed(input_ids, positions), self._rotation(positions)
         for index in range(len(self.layers)):
-            h = self._layer(index, h, positions, attend)
+            h = self._layer(index, h, rotation, attend)
         return self._logits(h[:, -1])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -312,8 +317,8 @@ class DecoderEngine:
             return ops.decode_attention(q, k_cache, v_cache, seqlens, scale=self.layers[index].scale,
                                         key_start=self.key_start)
 
-        h = self._embed(tokens[:, None], positions)
+        h, rotation = self._embed(tokens[:, None], positions), self._rotation(positions)
         for index in range(len(self.layers)):
-            h = self._layer(index, h, positions, attend)
+            h = self._layer(index, h, rotation, attend)
         self.cache_seqlens.copy_(seqlens)
         return self._logits(h[:, 0])
