@@ -6,17 +6,9 @@ import torch
 
 from tritonize.generation.decoder import SUPPORTED_MODEL_TYPES, DecoderEngine
 from tritonize.generation.loop import decode_loop
+from tritonize.generation.settings import check_generation_config, resolve_settings
+from tritonize.generation.t5 import generate_t5
 
-# Sampling settings HF takes from the generation config when an argument is None, and HF's own defaults.
-HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
-# generation_config fields HF would apply and tritonize does not, with the value that means "off".
-UNSUPPORTED_SETTINGS = {
-    "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_p": None,
-    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "bad_words_ids": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "sequence_bias": None, "encoder_repetition_penalty": 1.0,
-    "exponential_decay_length_penalty": None, "max_time": None, "stop_strings": None,
-}
 ENGINE_ATTRIBUTE = "_tritonize_decoder"
 
 
@@ -43,12 +35,7 @@ def _check_model(model: object) -> torch.nn.Module:
         raise ValueError(f"{type(model).__name__} has no lm_head: pass the *ForCausalLM model, not the base model")
     if model.training:
         raise ValueError("tritonize.generate runs inference: call model.eval() first")
-    config = getattr(model, "generation_config", None)
-    for name, off in UNSUPPORTED_SETTINGS.items():
-        value = getattr(config, name, None)
-        if value is not None and value != off:
-            raise ValueError(f"model.generation_config.{name} = {value!r}: HF generate would apply it and "
-                             f"tritonize.generate does not; set it to {off!r} to generate without it")
+    check_generation_config(model)
     return model
 
 
@@ -90,8 +77,6 @@ def generate(
     decoder start token first, as HF returns it.
     """
     if getattr(getattr(model, "config", None), "model_type", None) == "t5":
-        from tritonize.generation.t5 import generate_t5  # t5 imports this module's settings tables
-
         return generate_t5(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                            min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                            top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
@@ -115,22 +100,13 @@ def generate(
                          f"got {tuple(attention_mask.shape)} on {attention_mask.device}")
     if not attention_mask.bool().any(dim=1).all():
         raise ValueError("every row of attention_mask needs at least one real token (a 1)")
-    config = model.generation_config
-    eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
-    pad_token_id = config.pad_token_id if pad_token_id is None else pad_token_id
-    sampling = {}
-    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-        for candidate in (value, getattr(config, name, None), HF_SAMPLING_DEFAULTS[name]):
-            if candidate is not None:
-                sampling[name] = candidate
-                break
-
+    settings = resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
     engine = _engine(model)
     ids, mask = _left_aligned(input_ids, attention_mask)
     with torch.no_grad():
         engine.reserve(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         first_logits = engine.prefill(ids, mask)
         new_tokens = decode_loop(engine.step, first_logits, max_new_tokens=max_new_tokens,
-                                 min_new_tokens=min_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
-                                 pad_token_id=pad_token_id, cuda_graph=cuda_graph, generator=generator, **sampling)
+                                 min_new_tokens=min_new_tokens, do_sample=do_sample, cuda_graph=cuda_graph,
+                                 generator=generator, **settings)
     return torch.cat([input_ids, new_tokens], dim=1)

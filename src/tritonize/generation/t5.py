@@ -19,8 +19,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from tritonize.generation.api import HF_SAMPLING_DEFAULTS, UNSUPPORTED_SETTINGS
 from tritonize.generation.loop import decode_loop
+from tritonize.generation.settings import check_generation_config, resolve_settings
 from tritonize.ops import attention, linear, rms_norm
 
 # HF's T5 `dense_act_fn` names -> tritonize.ops.linear activations
@@ -184,23 +184,6 @@ class T5Request:
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.heads * self.head_dim)
 
 
-def _resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p) -> dict:
-    """Arguments left at None from model.generation_config (then HF's sampling defaults), as HF does;
-    raises on a generation_config setting that HF would apply and tritonize does not."""
-    config = model.generation_config
-    for name, off in UNSUPPORTED_SETTINGS.items():
-        value = getattr(config, name, None)
-        if value is not None and value != off:
-            raise ValueError(f"model.generation_config.{name} = {value!r}: HF generate would apply it and "
-                             f"tritonize.generate does not; set it to {off!r} to generate without it")
-    settings = {"eos_token_id": config.eos_token_id if eos_token_id is None else eos_token_id,
-                "pad_token_id": config.pad_token_id if pad_token_id is None else pad_token_id}
-    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-        settings[name] = next(v for v in (value, getattr(config, name, None), HF_SAMPLING_DEFAULTS[name])
-                              if v is not None)
-    return settings
-
-
 def generate_t5(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -228,7 +211,8 @@ def generate_t5(
     if attention_mask is not None and not attention_mask.bool().any(dim=1).all():
         raise ValueError("every row of attention_mask needs at least one real token (a 1)")
     check_model(model)
-    settings = _resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
+    check_generation_config(model)
+    settings = resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
     with torch.inference_mode():
         request = T5Request(model, input_ids, attention_mask, max_new_tokens)
         start_token = model.generation_config.decoder_start_token_id
