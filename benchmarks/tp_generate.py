@@ -5,7 +5,7 @@ random weights) through `tritonize.parallel.tensor_parallel` + `tritonize.genera
 tokens, batch 1 and 8; time to first token, decode tokens/s and each rank's peak GPU memory. Run it with
 N = 1 for the baseline, then 2 (4, 8). Rank 0 writes DIR/tp-generate-<config>-world<N>.json.
 
-Every rank builds the whole model on the CPU (16 GB of CPU RAM per rank, about a minute of random
+Every rank builds the whole model on the CPU (16 GB of CPU RAM per rank, a minute or two of random
 initialisation) and copies only its shards to its GPU. `--tiny` runs a tiny fp32 config instead (CPU and
 gloo work: a smoke test of the script, not a measurement).
 """

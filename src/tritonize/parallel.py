@@ -5,7 +5,7 @@
     from tritonize import parallel
 
     rank, world_size = parallel.init_from_torchrun()   # NCCL on CUDA (one GPU per process), gloo on CPU
-    model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16).eval()  # on the CPU
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16).eval()  # on the CPU
     parallel.tensor_parallel(model)                     # this rank's shards go to cuda:LOCAL_RANK
     out = tritonize.generate(model, ids.cuda(), mask.cuda(), max_new_tokens=64)   # the same on every rank
 
