@@ -68,7 +68,8 @@ def _check_same_model(model: torch.nn.Module, group, device: torch.device) -> No
 
 
 def tensor_parallel(model: torch.nn.Module, *, process_group=None, device: torch.device | str | None = None):
-    """Shards an HF causal LM for tensor-parallel `tritonize.generate` over `process_group`; returns the model.
+    """Shards an HF causal LM for tensor-parallel `tritonize.generate` over `process_group` (None: the default
+    group); returns the model.
 
     Call it on every rank of the group with the same model (checked). Each rank copies its slices of the
     weights to `device` (default: cuda:LOCAL_RANK when CUDA is available, else the CPU); the HF model
@@ -79,12 +80,11 @@ def tensor_parallel(model: torch.nn.Module, *, process_group=None, device: torch
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("tritonize.parallel.tensor_parallel needs an initialised torch.distributed process group: "
                            f"call tritonize.parallel.init_from_torchrun() first and {LAUNCH_HINT}")
-    group = process_group or dist.group.WORLD
     if device is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    _check_same_model(model, group, device)
-    engine = DecoderEngine(model, tp_rank=dist.get_rank(group), tp_size=dist.get_world_size(group),
-                           process_group=group, device=device)
+    _check_same_model(model, process_group, device)
+    engine = DecoderEngine(model, tp_rank=dist.get_rank(process_group), tp_size=dist.get_world_size(process_group),
+                           process_group=process_group, device=device)
     setattr(model, ENGINE_ATTRIBUTE, engine)
     return model

@@ -118,7 +118,8 @@ class DecoderEngine:
         self.activation = ACTIVATIONS[activation]
         self.gpt2 = config.model_type == "gpt2"
         self.layers = self._read_gpt2() if self.gpt2 else self._read_llama_like()
-        self.lm_head = self._local(model.lm_head.weight)
+        tied = model.lm_head.weight is model.get_input_embeddings().weight
+        self.lm_head = self.embed if tied else self._local(model.lm_head.weight)  # a tied one is copied once
         self.cache_batch = self.cache_len = 0
         self.weight_addresses = self._weight_addresses()
 
