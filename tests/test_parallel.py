@@ -25,6 +25,11 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 FAMILIES = ("llama", "gpt2")  # GQA + rotary + SwiGLU; fused Conv1D qkv, learned positions, tied lm_head
 
 
+def cpu_environment() -> dict:
+    """The ranks run on the CPU over gloo, also on a machine with GPUs; they import what this process does."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "CUDA_VISIBLE_DEVICES": ""}
+
+
 def single_process_reference(model, ids, mask) -> dict:
     engine = DecoderEngine(model)
     engine.reserve(ids.shape[0], ids.shape[1] + 1)
@@ -46,7 +51,7 @@ def test_two_processes_match_the_single_process_model(tmp_path):
     three_heads = transformers.LlamaConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
                                            intermediate_size=64, vocab_size=97)
     torch.save(transformers.LlamaForCausalLM(three_heads).eval(), tmp_path / "three_heads.pt")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = cpu_environment()
     worker = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                str(WORKER), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     references = {family: single_process_reference(model, ids, mask) for family, model in models.items()}
@@ -83,7 +88,7 @@ def test_tensor_parallel_needs_a_process_group_and_a_supported_model():
 
 def test_benchmark_script_runs_tiny_under_torchrun(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "tp_generate.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = cpu_environment()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(script), "--tiny",
                     "--batches", "2", "--repeats", "1", "--out", str(tmp_path)], env=env, check=True, timeout=120)
     result = json.loads((tmp_path / "tp-generate-tiny-world1.json").read_text())
