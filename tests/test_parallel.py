@@ -75,7 +75,8 @@ def test_two_processes_match_the_single_process_model(tmp_path):
     assert torch.equal(ranks[0]["sampled"], ranks[1]["sampled"])  # rank 0's generator state was shared
 
 
-def test_tensor_parallel_needs_a_process_group_and_a_supported_model():
+def test_tensor_parallel_needs_a_process_group_and_a_supported_model(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(RuntimeError, match="init_from_torchrun.*torchrun --nproc-per-node"):
         parallel.tensor_parallel(tiny("llama"))
     bert = transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
