@@ -13,10 +13,10 @@ ENGINE_ATTRIBUTE = "_tritonize_decoder"
 
 
 def _engine(model: torch.nn.Module) -> DecoderEngine:
-    """The engine cached on the model, rebuilt when the model's parameters were replaced."""
+    """The engine cached on the model (a tensor-parallel one too), rebuilt alike when parameters were replaced."""
     engine = getattr(model, ENGINE_ATTRIBUTE, None)
     if engine is None or not engine.is_current():
-        engine = DecoderEngine(model)
+        engine = DecoderEngine(model) if engine is None else engine.rebuilt()
         runner = getattr(model, "_tritonize_runner", None)
         if runner is not None:  # optimize_model's CUDA graphs recorded the weights' old addresses
             runner.forget_graphs()
@@ -37,6 +37,18 @@ def _check_model(model: object) -> torch.nn.Module:
         raise ValueError("tritonize.generate runs inference: call model.eval() first")
     check_generation_config(model)
     return model
+
+
+def _same_generator_on_every_rank(engine: DecoderEngine, generator: torch.Generator | None) -> None:
+    """Tensor parallel sampling: every rank takes rank 0's generator state, so all ranks draw the same tokens."""
+    if generator is None:  # the device's default generator, which sampling then uses
+        device = engine.device
+        generator = (torch.cuda.default_generators[device.index if device.index is not None
+                                                   else torch.cuda.current_device()]
+                     if device.type == "cuda" else torch.default_generator)
+    state = generator.get_state().to(engine.device)  # NCCL sends CUDA tensors only
+    torch.distributed.broadcast(state, group_src=0, group=engine.process_group)
+    generator.set_state(state.cpu())
 
 
 def _left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +102,10 @@ def generate(
                          f"{tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
-    device = model.lm_head.weight.device
+    engine = _engine(model)
+    device = engine.device
     if input_ids.device != device:
-        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+        raise ValueError(f"input_ids is on {input_ids.device} but the model (its generation engine) is on {device}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape or attention_mask.device != device:
@@ -101,7 +114,8 @@ def generate(
     if not attention_mask.bool().any(dim=1).all():
         raise ValueError("every row of attention_mask needs at least one real token (a 1)")
     settings = resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
-    engine = _engine(model)
+    if do_sample and engine.tp_size > 1:
+        _same_generator_on_every_rank(engine, generator)
     ids, mask = _left_aligned(input_ids, attention_mask)
     with torch.no_grad():
         engine.reserve(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)

@@ -13,7 +13,9 @@ cumsum(attention_mask) - 1 gives them.
 Tensor parallelism (tp_size > 1, Megatron style): each rank keeps its share of the heads (Q and KV) and of
 the MLP's intermediate columns; the attention output and down projections are split by their input
 and summed with all_reduce, the bias and the residual added on rank 0 only. Embeddings and lm_head stay
-whole on every rank.
+whole on every rank. The engine's weights live on `device` (default: the model's); the HF parameters are
+shared only when tp_size == 1 and the devices agree, otherwise the engine holds copies of its slices, so
+a model kept on the CPU costs each GPU only its own shards.
 """
 
 from __future__ import annotations
@@ -67,15 +69,6 @@ class Layer:
     scale: float
 
 
-def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    if size == 1:
-        return t
-    if t.shape[dim] % size:
-        raise ValueError(f"tritonize: dim {dim} of a weight of shape {tuple(t.shape)} does not split in {size} parts")
-    part = t.shape[dim] // size
-    return t.narrow(dim, rank * part, part).contiguous()
-
-
 def _fuse(params: Sequence[torch.nn.Parameter], conv1d: bool = False) -> torch.Tensor:
     """cat(params, dim=0) as nn.Linear weights [out, in] (or biases); the parameters become views of the result.
 
@@ -95,10 +88,12 @@ class DecoderEngine:
     """Prefill and one-token decode steps of a decoder-only HF causal LM on preallocated caches.
 
     model: an HF *ForCausalLM of a type in SUPPORTED_MODEL_TYPES, in eval mode. tp_rank / tp_size /
-    process_group: tensor parallelism over torch.distributed (see the module docstring).
+    process_group: tensor parallelism over torch.distributed (see the module docstring). device: where
+    the engine's weights and caches live (default: the model's device).
     """
 
-    def __init__(self, model: torch.nn.Module, *, tp_rank: int = 0, tp_size: int = 1, process_group=None) -> None:
+    def __init__(self, model: torch.nn.Module, *, tp_rank: int = 0, tp_size: int = 1, process_group=None,
+                 device: torch.device | str | None = None) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"tritonize generation does not support model type {config.model_type!r} "
@@ -107,6 +102,9 @@ class DecoderEngine:
             raise ValueError(f"tp_rank must be in [0, tp_size={tp_size}), got {tp_rank}")
         self.model, self.config = model, config
         self.tp_rank, self.tp_size, self.process_group = tp_rank, tp_size, process_group
+        self.requested_device = device
+        self.device = torch.device(device) if device is not None else model.lm_head.weight.device
+        self.shares_weights = tp_size == 1 and self.device == model.lm_head.weight.device
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         if self.heads % tp_size or self.kv_heads % tp_size:
@@ -120,36 +118,47 @@ class DecoderEngine:
         self.activation = ACTIVATIONS[activation]
         self.gpt2 = config.model_type == "gpt2"
         self.layers = self._read_gpt2() if self.gpt2 else self._read_llama_like()
-        self.lm_head = model.lm_head.weight
+        tied = model.lm_head.weight is model.get_input_embeddings().weight
+        self.lm_head = self.embed if tied else self._local(model.lm_head.weight)  # a tied one is copied once
         self.cache_batch = self.cache_len = 0
         self.weight_addresses = self._weight_addresses()
 
     # -- reading the HF weights -------------------------------------------------------------------
 
+    def _local(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """t on the engine's device: t itself (shared with the model) when it is there already."""
+        return None if t is None else t.to(self.device)
+
+    def _shard(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's 1/tp_size of t along dim, on the engine's device."""
+        if t.shape[dim] % self.tp_size:
+            raise ValueError(f"tritonize: dim {dim} of a weight of shape {tuple(t.shape)} does not split in "
+                             f"{self.tp_size} parts")
+        part = t.shape[dim] // self.tp_size
+        return t.narrow(dim, self.tp_rank * part, part).to(self.device).contiguous()
+
     def _qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """This rank's heads of q, k and v (weights [rows, hidden] or biases), fused."""
-        r, n = self.tp_rank, self.tp_size
-        return torch.cat([_split(q, 0, r, n), _split(k, 0, r, n), _split(v, 0, r, n)])
+        return torch.cat([self._shard(q, 0), self._shard(k, 0), self._shard(v, 0)])
 
     def _rank0(self, bias: torch.Tensor | None) -> torch.Tensor | None:
-        return bias if self.tp_rank == 0 else None
+        return self._local(bias) if self.tp_rank == 0 else None
 
     def _read_llama_like(self) -> list[Layer]:
         base, config = self.model.model, self.config
-        self.embed = base.embed_tokens.weight
-        self.final_norm = Norm(base.norm.weight, None, base.norm.variance_epsilon, rms=True)
+        self.embed = self._local(base.embed_tokens.weight)
+        self.final_norm = Norm(self._local(base.norm.weight), None, base.norm.variance_epsilon, rms=True)
         self.rotary_emb = base.rotary_emb
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("rope_type") in DYNAMIC_ROPE_TYPES:
             raise ValueError(f"tritonize generation does not support rope_type {rope['rope_type']!r} "
                              "(its cos/sin depend on the sequence length)")
-        r, n = self.tp_rank, self.tp_size
         layers = []
         for block in base.layers:
             attn, mlp = block.self_attn, block.mlp
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
             has_qkv_bias = attn.q_proj.bias is not None
-            if n == 1:
+            if self.shares_weights:
                 qkv_weight = _fuse([p.weight for p in projections])
                 qkv_bias = _fuse([p.bias for p in projections]) if has_qkv_bias else None
                 up_weight = _fuse([mlp.gate_proj.weight, mlp.up_proj.weight])
@@ -158,50 +167,50 @@ class DecoderEngine:
                 qkv_weight = self._qkv(*(p.weight for p in projections))
                 qkv_bias = self._qkv(*(p.bias for p in projections)) if has_qkv_bias else None
                 gate, up = mlp.gate_proj, mlp.up_proj
-                up_weight = ops.concat_gate_up(_split(gate.weight, 0, r, n), _split(up.weight, 0, r, n))
-                up_bias = (ops.concat_gate_up(_split(gate.bias, 0, r, n), _split(up.bias, 0, r, n))
+                up_weight = ops.concat_gate_up(self._shard(gate.weight, 0), self._shard(up.weight, 0))
+                up_bias = (ops.concat_gate_up(self._shard(gate.bias, 0), self._shard(up.bias, 0))
                            if gate.bias is not None else None)
-            head_norms = [Norm(m.weight, None, m.variance_epsilon, rms=True) if m is not None else None
+            head_norms = [Norm(self._local(m.weight), None, m.variance_epsilon, rms=True) if m is not None else None
                           for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))]
             layers.append(Layer(
-                attn_norm=Norm(block.input_layernorm.weight, None, block.input_layernorm.variance_epsilon, rms=True),
+                attn_norm=Norm(self._local(block.input_layernorm.weight), None,
+                               block.input_layernorm.variance_epsilon, rms=True),
                 qkv_weight=qkv_weight, qkv_bias=qkv_bias, q_norm=head_norms[0], k_norm=head_norms[1],
-                o_weight=_split(attn.o_proj.weight, 1, r, n), o_bias=self._rank0(attn.o_proj.bias),
-                mlp_norm=Norm(block.post_attention_layernorm.weight, None,
+                o_weight=self._shard(attn.o_proj.weight, 1), o_bias=self._rank0(attn.o_proj.bias),
+                mlp_norm=Norm(self._local(block.post_attention_layernorm.weight), None,
                               block.post_attention_layernorm.variance_epsilon, rms=True),
                 up_weight=up_weight, up_bias=up_bias,
-                down_weight=_split(mlp.down_proj.weight, 1, r, n), down_bias=self._rank0(mlp.down_proj.bias),
+                down_weight=self._shard(mlp.down_proj.weight, 1), down_bias=self._rank0(mlp.down_proj.bias),
                 gated=True, scale=attn.scaling,
             ))
         return layers
 
     def _read_gpt2(self) -> list[Layer]:
         base, config = self.model.transformer, self.config
-        self.embed, self.position_embed = base.wte.weight, base.wpe.weight
-        self.final_norm = Norm(base.ln_f.weight, base.ln_f.bias, base.ln_f.eps, rms=False)
-        r, n = self.tp_rank, self.tp_size
+        self.embed, self.position_embed = self._local(base.wte.weight), self._local(base.wpe.weight)
+        self.final_norm = Norm(self._local(base.ln_f.weight), self._local(base.ln_f.bias), base.ln_f.eps, rms=False)
         hidden = config.hidden_size
         layers = []
         for i, block in enumerate(base.h):
             attn, mlp = block.attn, block.mlp
-            if n == 1:  # Conv1D weights [in, out] become nn.Linear layout, shared with the model
+            if self.shares_weights:  # Conv1D weights [in, out] become nn.Linear layout, shared with the model
                 qkv_weight, qkv_bias = _fuse([attn.c_attn.weight], conv1d=True), attn.c_attn.bias
                 o_weight, up_weight = _fuse([attn.c_proj.weight], conv1d=True), _fuse([mlp.c_fc.weight], conv1d=True)
                 down_weight, up_bias = _fuse([mlp.c_proj.weight], conv1d=True), mlp.c_fc.bias
             else:
                 qkv_weight = self._qkv(*attn.c_attn.weight.t().split(hidden))
                 qkv_bias = self._qkv(*attn.c_attn.bias.split(hidden))
-                o_weight = _split(attn.c_proj.weight.t(), 1, r, n)
-                up_weight, up_bias = _split(mlp.c_fc.weight.t(), 0, r, n), _split(mlp.c_fc.bias, 0, r, n)
-                down_weight = _split(mlp.c_proj.weight.t(), 1, r, n)
+                o_weight = self._shard(attn.c_proj.weight.t(), 1)
+                up_weight, up_bias = self._shard(mlp.c_fc.weight.t(), 0), self._shard(mlp.c_fc.bias, 0)
+                down_weight = self._shard(mlp.c_proj.weight.t(), 1)
             scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
             if config.scale_attn_by_inverse_layer_idx:
                 scale /= i + 1
             layers.append(Layer(
-                attn_norm=Norm(block.ln_1.weight, block.ln_1.bias, block.ln_1.eps, rms=False),
+                attn_norm=Norm(self._local(block.ln_1.weight), self._local(block.ln_1.bias), block.ln_1.eps, rms=False),
                 qkv_weight=qkv_weight, qkv_bias=qkv_bias, q_norm=None, k_norm=None,
                 o_weight=o_weight, o_bias=self._rank0(attn.c_proj.bias),
-                mlp_norm=Norm(block.ln_2.weight, block.ln_2.bias, block.ln_2.eps, rms=False),
+                mlp_norm=Norm(self._local(block.ln_2.weight), self._local(block.ln_2.bias), block.ln_2.eps, rms=False),
                 up_weight=up_weight, up_bias=up_bias,
                 down_weight=down_weight, down_bias=self._rank0(mlp.c_proj.bias), gated=False, scale=scale,
             ))
@@ -213,6 +222,11 @@ class DecoderEngine:
     def is_current(self) -> bool:
         """False once any model parameter was replaced or moved (model.to(...), a new nn.Parameter): rebuild."""
         return self._weight_addresses() == self.weight_addresses
+
+    def rebuilt(self) -> DecoderEngine:
+        """A new engine over the model's current parameters, on this one's ranks, group and device."""
+        return DecoderEngine(self.model, tp_rank=self.tp_rank, tp_size=self.tp_size,
+                             process_group=self.process_group, device=self.requested_device)
 
     # -- caches -------------------------------------------------------------------------------------
 

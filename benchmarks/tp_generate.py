@@ -1,0 +1,131 @@
+"""Tensor-parallel generation throughput: `torchrun --nproc-per-node N benchmarks/tp_generate.py --out DIR`.
+
+An 8B-like Llama (hidden 4096, 32 layers, 32 heads / 8 KV heads, intermediate 14336, vocab 128256, bf16,
+random weights) through `tritonize.parallel.tensor_parallel` + `tritonize.generate`: prompt 128, 256 new
+tokens, batch 1 and 8; time to first token, decode tokens/s and each rank's peak GPU memory. Run it with
+N = 1 for the baseline, then 2 (4, 8). Rank 0 writes DIR/tp-generate-<config>-world<N>.json.
+
+Every rank builds the whole model on the CPU (16 GB of CPU RAM per rank, a minute or two of random
+initialisation) and copies only its shards to its GPU. `--tiny` runs a tiny fp32 config instead (CPU and
+gloo work: a smoke test of the script, not a measurement).
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+import triton
+
+import tritonize
+from tritonize import parallel
+
+CONFIGS = {
+    "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=97, max_position_embeddings=256),
+}
+
+
+def random_llama(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The same random model on every rank (seed 0), built on the CPU without a full-precision copy."""
+    config = transformers.LlamaConfig(**CONFIGS[name])
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config).to(dtype)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.02, generator=generator)
+            else:  # norm weights
+                param.fill_(1.0)
+    model.model.rotary_emb = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)  # its buffers
+    return model.eval()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+
+
+def seconds(call, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    call()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(model, device, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    vocab = model.config.vocab_size
+    ids = torch.randint(vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
+    mask = torch.ones_like(ids)
+
+    def generate(n: int) -> None:
+        out = tritonize.generate(model, ids, mask, max_new_tokens=n, eos_token_id=[])
+        assert out.shape[1] == prompt_len + n
+
+    generate(new_tokens)  # warm-up: Triton compiles, caches allocated
+    first = statistics.median(seconds(lambda: generate(1), device) for _ in range(repeats))
+    whole = statistics.median(seconds(lambda: generate(new_tokens), device) for _ in range(repeats))
+    return dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, time_to_first_token_ms=first * 1e3,
+                generate_s=whole, decode_tokens_per_s=batch * (new_tokens - 1) / (whole - first))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON results (rank 0 writes)")
+    parser.add_argument("--tiny", action="store_true", help="tiny fp32 config: a smoke test, on CPU too")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=None, help="default 128 (tiny: 8)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny: 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    args = parser.parse_args()
+    name = "tiny" if args.tiny else "llama-8b"
+    prompt_len = args.prompt_len or (8 if args.tiny else 128)
+    new_tokens = args.new_tokens or (4 if args.tiny else 256)
+
+    rank, world_size = parallel.init_from_torchrun()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model = random_llama(name, torch.float32 if args.tiny else torch.bfloat16)
+    parallel.tensor_parallel(model, device=device)
+    rows = []
+    for batch in args.batches:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        row = measure(model, device, batch, prompt_len, new_tokens, args.repeats)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        peaks = [None] * world_size
+        dist.all_gather_object(peaks, peak)
+        rows.append({**row, "peak_memory_gib_per_rank": peaks})
+        if rank == 0:
+            print(f"world {world_size} batch {batch}: {row['decode_tokens_per_s']:.1f} tokens/s, "
+                  f"first token {row['time_to_first_token_ms']:.1f} ms, peak GiB per rank {peaks}", flush=True)
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = dict(
+            card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            world_size=world_size, backend=dist.get_backend(), config=name, model=CONFIGS[name],
+            dtype="float32" if args.tiny else "bfloat16", torch=torch.__version__, triton=triton.__version__,
+            transformers=transformers.__version__,
+            nccl=".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            command="torchrun --nproc-per-node {} {}".format(world_size, " ".join(sys.argv)), rows=rows,
+        )
+        path = args.out / f"tp-generate-{name}-world{world_size}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
