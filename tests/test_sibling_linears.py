@@ -8,6 +8,8 @@ from test_passes import _compile, _ops_calls
 from torch import nn
 
 from tritonize.passes import pack_sibling_linears
+from tritonize.reporting import Report
+from tritonize.runtime import tritonize_backend
 
 
 class Projections(nn.Module):
@@ -56,3 +58,23 @@ def test_merged_only_when_back_to_back_and_nothing_to_fuse(packed, device):
     # packed: q, k, v as one linear; gate (SiLU to fuse) and up keep their own linears either way
     assert report.replaced["linear_merge"] == (1 if packed else 0)
     assert calls.count("linear") == (3 if packed else 5), calls
+
+
+@pytest.mark.parametrize("replace", ["parameter", "data"])
+def test_a_weight_replaced_after_merging_is_seen(replace, device):
+    """Without CUDA graphs the compiled graph runs on every call: after one packed weight is replaced (so
+    no longer next to the others), TorchDynamo's guards retrace, and the result follows the new weight."""
+    model = Projections().to(device).eval()
+    pack_sibling_linears(model)
+    report = Report()
+    compiled = torch.compile(model, backend=tritonize_backend(report))
+    x = torch.randn(3, 5, 24, device=device)
+    with torch.inference_mode():
+        compiled(x)
+        if replace == "parameter":
+            model.k.weight = nn.Parameter(torch.randn_like(model.k.weight))
+        else:
+            model.k.weight.data = torch.randn_like(model.k.weight)
+        got, want = compiled(x), model(x)
+    assert_close(got[0], want[0], torch.float32)
+    assert report.compiles == 2
