@@ -20,7 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from tritonize.generation.api import ENGINE_ATTRIBUTE, _check_model
+from tritonize.generation.api import ENGINE_ATTRIBUTE, check_causal_lm
 from tritonize.generation.decoder import DecoderEngine
 
 # NVLink multicast (NVLS) stays off: set before NCCL initialises
@@ -76,7 +76,7 @@ def tensor_parallel(model: torch.nn.Module, *, process_group=None, device: torch
     itself may stay on the CPU. The engine is cached on the model, so `tritonize.generate(model, ...)` runs
     tensor parallel unchanged, with inputs on `device`; every rank must make the same calls.
     """
-    model = _check_model(model)
+    model = check_causal_lm(model)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("tritonize.parallel.tensor_parallel needs an initialised torch.distributed process group: "
                            f"call tritonize.parallel.init_from_torchrun() first and {LAUNCH_HINT}")

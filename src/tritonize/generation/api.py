@@ -24,7 +24,8 @@ def _engine(model: torch.nn.Module) -> DecoderEngine:
     return engine
 
 
-def _check_model(model: object) -> torch.nn.Module:
+def check_causal_lm(model: object) -> torch.nn.Module:
+    """The model, after checking that the decoder-only engine can run it (ValueError / TypeError naming why not)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"tritonize.generate takes an HF causal LM, got {type(model).__name__}")
     model_type = getattr(model.config, "model_type", None)
@@ -93,7 +94,7 @@ def generate(
                            min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                            top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
                            cuda_graph=cuda_graph)
-    model = _check_model(model)
+    model = check_causal_lm(model)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:

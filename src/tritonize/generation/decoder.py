@@ -21,19 +21,17 @@ a model kept on the CPU costs each GPU only its own shards.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tritonize import ops
+from tritonize.generation.settings import HF_ACTIVATIONS
+from tritonize.passes.sibling_linears import pack_parameters
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 CACHE_LENGTH_MULTIPLE = 64  # caches grow in steps of this many positions
-# HF activation names -> tritonize's (ops.linear / ops.gated_mlp)
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-               "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "tanh": "tanh"}
 # position-dependent rope variants whose cos/sin change with the sequence length: a fixed table can't hold them
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 
@@ -69,21 +67,6 @@ class Layer:
     scale: float
 
 
-def _fuse(params: Sequence[torch.nn.Parameter], conv1d: bool = False) -> torch.Tensor:
-    """cat(params, dim=0) as nn.Linear weights [out, in] (or biases); the parameters become views of the result.
-
-    conv1d: the parameters are HF Conv1D weights [in, out] (GPT-2) and become transposed views.
-    """
-    as_linear = [p.detach().t() if conv1d and p.dim() == 2 else p.detach() for p in params]
-    fused = torch.cat(as_linear, dim=0)
-    start = 0
-    for param, part in zip(params, as_linear, strict=True):
-        view = fused[start : start + part.shape[0]]
-        param.data = view.t() if conv1d and param.dim() == 2 else view
-        start += part.shape[0]
-    return fused
-
-
 class DecoderEngine:
     """Prefill and one-token decode steps of a decoder-only HF causal LM on preallocated caches.
 
@@ -112,10 +95,10 @@ class DecoderEngine:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.local_heads, self.local_kv_heads = self.heads // tp_size, self.kv_heads // tp_size
         activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
-        if activation not in ACTIVATIONS:
+        if activation not in HF_ACTIVATIONS:
             raise ValueError(f"tritonize generation does not support the activation {activation!r}; "
-                             f"supported: {', '.join(ACTIVATIONS)}")
-        self.activation = ACTIVATIONS[activation]
+                             f"supported: {', '.join(HF_ACTIVATIONS)}")
+        self.activation = HF_ACTIVATIONS[activation]
         self.gpt2 = config.model_type == "gpt2"
         self.layers = self._read_gpt2() if self.gpt2 else self._read_llama_like()
         tied = model.lm_head.weight is model.get_input_embeddings().weight
@@ -159,10 +142,11 @@ class DecoderEngine:
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
             has_qkv_bias = attn.q_proj.bias is not None
             if self.shares_weights:
-                qkv_weight = _fuse([p.weight for p in projections])
-                qkv_bias = _fuse([p.bias for p in projections]) if has_qkv_bias else None
-                up_weight = _fuse([mlp.gate_proj.weight, mlp.up_proj.weight])
-                up_bias = _fuse([mlp.gate_proj.bias, mlp.up_proj.bias]) if mlp.gate_proj.bias is not None else None
+                qkv_weight = pack_parameters([p.weight for p in projections])
+                qkv_bias = pack_parameters([p.bias for p in projections]) if has_qkv_bias else None
+                up_weight = pack_parameters([mlp.gate_proj.weight, mlp.up_proj.weight])
+                up_bias = (pack_parameters([mlp.gate_proj.bias, mlp.up_proj.bias])
+                           if mlp.gate_proj.bias is not None else None)
             else:
                 qkv_weight = self._qkv(*(p.weight for p in projections))
                 qkv_bias = self._qkv(*(p.bias for p in projections)) if has_qkv_bias else None
@@ -194,9 +178,10 @@ class DecoderEngine:
         for i, block in enumerate(base.h):
             attn, mlp = block.attn, block.mlp
             if self.shares_weights:  # Conv1D weights [in, out] become nn.Linear layout, shared with the model
-                qkv_weight, qkv_bias = _fuse([attn.c_attn.weight], conv1d=True), attn.c_attn.bias
-                o_weight, up_weight = _fuse([attn.c_proj.weight], conv1d=True), _fuse([mlp.c_fc.weight], conv1d=True)
-                down_weight, up_bias = _fuse([mlp.c_proj.weight], conv1d=True), mlp.c_fc.bias
+                qkv_weight, qkv_bias = pack_parameters([attn.c_attn.weight], conv1d=True), attn.c_attn.bias
+                o_weight = pack_parameters([attn.c_proj.weight], conv1d=True)
+                up_weight = pack_parameters([mlp.c_fc.weight], conv1d=True)
+                down_weight, up_bias = pack_parameters([mlp.c_proj.weight], conv1d=True), mlp.c_fc.bias
             else:
                 qkv_weight = self._qkv(*attn.c_attn.weight.t().split(hidden))
                 qkv_bias = self._qkv(*attn.c_attn.bias.split(hidden))
@@ -265,7 +250,7 @@ class DecoderEngine:
 
     def _layer(self, index: int, h: torch.Tensor, rotation, attend) -> torch.Tensor:
         """Block `index` on h [batch, seq, hidden]; rotation: `_rotation(positions)`; `attend(index, q, k, v)`
-        returns [batch, heads, seq, dim]."""
+        returns [batch, seq, heads, dim] (seq-major: reshaped to the hidden size without a copy)."""
         layer = self.layers[index]
         batch, seq, _ = h.shape
         rank0 = self.tp_rank == 0
@@ -277,7 +262,7 @@ class DecoderEngine:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rotation is not None:
             q, k = ops.rotary(q, k, *rotation)
-        out = attend(index, q, k, v).transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim)
+        out = attend(index, q, k, v).reshape(batch, seq, self.local_heads * self.head_dim)
         h = self._sum_ranks(ops.linear(out, layer.o_weight, layer.o_bias, residual=h if rank0 else None))
         x = layer.mlp_norm(h)
         if layer.gated:
@@ -306,7 +291,8 @@ class DecoderEngine:
         def attend(index, q, k, v):
             self.k_caches[index][:batch, :, :prompt_len] = k
             self.v_caches[index][:batch, :, :prompt_len] = v
-            return ops.attention(q, k, v, scale=self.layers[index].scale, causal=True, key_padding_mask=attention_mask)
+            return ops.attention(q, k, v, scale=self.layers[index].scale, causal=True, key_padding_mask=attention_mask,
+                                 seq_major=True)
 
         h, rotation = self._embed(input_ids, positions), self._rotation(positions)
         for index in range(len(self.layers)):
@@ -328,8 +314,9 @@ class DecoderEngine:
             k_cache, v_cache = self.k_caches[index][:batch], self.v_caches[index][:batch]
             k_cache[rows, :, write_at] = k[:, :, 0]
             v_cache[rows, :, write_at] = v[:, :, 0]
-            return ops.decode_attention(q, k_cache, v_cache, seqlens, scale=self.layers[index].scale,
-                                        key_start=self.key_start)
+            out = ops.decode_attention(q, k_cache, v_cache, seqlens, scale=self.layers[index].scale,
+                                       key_start=self.key_start)
+            return out.transpose(1, 2)  # one query token: [batch, 1, heads, dim] is still one block of memory
 
         h, rotation = self._embed(tokens[:, None], positions), self._rotation(positions)
         for index in range(len(self.layers)):

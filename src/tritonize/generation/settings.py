@@ -1,10 +1,14 @@
 """Generation settings as HF resolves them: arguments left at None come from model.generation_config,
-then HF's sampling defaults; config settings HF would apply and tritonize does not are refused."""
+then HF's sampling defaults; config settings HF would apply and tritonize does not are refused. Also
+HF's activation names in tritonize's terms."""
 
 from __future__ import annotations
 
 import torch
 
+# HF activation names (hidden_act, activation_function, dense_act_fn) -> tritonize.ops activations
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                  "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "tanh": "tanh"}
 # Sampling settings HF takes from the generation config when an argument is None, and HF's own defaults.
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 # generation_config fields HF would apply and tritonize does not, with the value that means "off".

@@ -20,12 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from tritonize.generation.loop import decode_loop
-from tritonize.generation.settings import check_generation_config, resolve_settings
+from tritonize.generation.settings import HF_ACTIVATIONS, check_generation_config, resolve_settings
 from tritonize.ops import attention, linear, rms_norm
-
-# HF's T5 `dense_act_fn` names -> tritonize.ops.linear activations
-ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "silu": "silu", "swish": "silu"}
 
 
 def check_model(model: torch.nn.Module) -> None:
@@ -39,9 +35,9 @@ def check_model(model: torch.nn.Module) -> None:
                         "in bfloat16 (torch_dtype=torch.bfloat16) or float32")
     if dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"T5 weights must be bfloat16 or float32, got {dtype}")
-    if config.dense_act_fn not in ACTIVATIONS:
+    if config.dense_act_fn not in HF_ACTIVATIONS:
         raise ValueError(f"unsupported T5 feed-forward activation {config.dense_act_fn!r}; "
-                         f"supported: {sorted(ACTIVATIONS)}")
+                         f"supported: {sorted(HF_ACTIVATIONS)}")
 
 
 class T5Request:
@@ -57,7 +53,7 @@ class T5Request:
         config = model.config
         self.model = model
         self.heads, self.head_dim, self.eps = config.num_heads, config.d_kv, config.layer_norm_epsilon
-        self.activation = ACTIVATIONS[config.dense_act_fn]
+        self.activation = HF_ACTIVATIONS[config.dense_act_fn]
         self.gated = config.is_gated_act
         self.dtype = model.shared.weight.dtype
         # HF keeps the feed-forward output projections ("wo") in fp32 when loading in bf16, which makes the
@@ -150,7 +146,7 @@ class T5Request:
     def _encoder_self_attention(self, _, layer, x, *, bias):
         module = layer.SelfAttention
         q, k, v = (self._split_heads(linear(x, p.weight)) for p in (module.q, module.k, module.v))
-        out = attention(q, k, v, scale=1.0, key_padding_mask=self.encoder_mask, bias=bias)
+        out = attention(q, k, v, scale=1.0, key_padding_mask=self.encoder_mask, bias=bias, seq_major=True)
         return linear(self._merge_heads(out), module.o.weight)
 
     def _decoder_self_attention(self, index, layer, x, *, seen_keys, bias):
@@ -159,14 +155,14 @@ class T5Request:
         k_cache, v_cache = self.self_kv[index]
         k_cache.index_copy_(2, self.position, k)
         v_cache.index_copy_(2, self.position, v)
-        out = attention(q, k_cache, v_cache, scale=1.0, key_padding_mask=seen_keys, bias=bias)
+        out = attention(q, k_cache, v_cache, scale=1.0, key_padding_mask=seen_keys, bias=bias, seq_major=True)
         return linear(self._merge_heads(out), module.o.weight)
 
     def _cross_attention(self, index, layer, x):
         module = layer.EncDecAttention
         k, v = self.cross_kv[index]
         out = attention(self._split_heads(linear(x, module.q.weight)), k, v, scale=1.0,
-                        key_padding_mask=self.encoder_mask)
+                        key_padding_mask=self.encoder_mask, seq_major=True)
         return linear(self._merge_heads(out), module.o.weight)
 
     def _feed_forward(self, _, layer, x):
@@ -180,8 +176,8 @@ class T5Request:
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # [batch, seq, heads * d] -> [batch, heads, seq, d]
         return x.view(*x.shape[:2], self.heads, self.head_dim).transpose(1, 2)
 
-    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:  # [batch, heads, seq, d] -> [batch, seq, heads * d]
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.heads * self.head_dim)
+    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:  # [batch, seq, heads, d] -> [batch, seq, heads * d]
+        return x.reshape(x.shape[0], x.shape[1], self.heads * self.head_dim)
 
 
 def generate_t5(

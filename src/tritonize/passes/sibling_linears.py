@@ -17,6 +17,7 @@ passes/ never imports triton.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
@@ -42,18 +43,22 @@ def pack_sibling_linears(module: torch.nn.Module) -> int:
                 groups[(w.shape[1], w.dtype, w.device, child.bias is not None)].append(child)
         for linears in groups.values():
             if len(linears) >= 2:
-                _pack([lin.weight for lin in linears])
+                pack_parameters([lin.weight for lin in linears])
                 if linears[0].bias is not None:
-                    _pack([lin.bias for lin in linears])
+                    pack_parameters([lin.bias for lin in linears])
                 packed += 1
     return packed
 
 
-def _pack(parameters: list[torch.nn.Parameter]) -> None:
-    rows = [p.shape[0] for p in parameters]
-    storage = torch.cat([p.detach() for p in parameters])
-    for p, block in zip(parameters, storage.split(rows), strict=True):
-        p.data = block
+def pack_parameters(parameters: Sequence[torch.nn.Parameter], conv1d: bool = False) -> torch.Tensor:
+    """cat(parameters, dim=0) as nn.Linear weights [out, in] (or biases), and the parameters become views
+    of it (same objects, same values, one storage). conv1d: HF Conv1D weights [in, out] (GPT-2), which
+    become transposed views. Returns the concatenation."""
+    as_linear = [p.detach().t() if conv1d and p.dim() == 2 else p.detach() for p in parameters]
+    packed = torch.cat(as_linear, dim=0)
+    for parameter, block in zip(parameters, packed.split([part.shape[0] for part in as_linear]), strict=True):
+        parameter.data = block.t() if conv1d and parameter.dim() == 2 else block
+    return packed
 
 
 def _siblings(node: fx.Node) -> list[fx.Node]:
