@@ -51,9 +51,11 @@ def profile_batch(model, config: str, batch: int) -> dict:
     engine = _engine(model)
     engine.reserve(batch, PROMPT_LEN + 64)
     with torch.no_grad():
-        prefill_ms = do_bench(lambda: engine.prefill(ids, mask), warmup=5, rep=50, return_mode="median")
+        real = mask.bool()  # the engine takes a bool mask (generate converts)
+        prefill_ms = do_bench(lambda: engine.prefill(ids, real), warmup=5, rep=50, return_mode="median")
         host = host_profile(lambda: tritonize.generate(model, ids, mask, max_new_tokens=1, eos_token_id=[]))
-        engine.prefill(ids, mask)
+        prefill_kernels = kernel_times(lambda: engine.prefill(ids, real), steps=5)
+        engine.prefill(ids, real)
         tokens = ids[:, -1].clone()
         seqlens = engine.cache_seqlens.clone()
 
@@ -76,9 +78,12 @@ def profile_batch(model, config: str, batch: int) -> dict:
           f"step graph replay {replay_ms:.3f} ms, kernels' GPU time {gpu_us:.1f} us, {len(kernels)} kernel names")
     for kernel, us in list(kernels.items())[:20]:
         print(f"  {us:8.1f} us  {kernel}")
+    print(f"  prefill: {sum(prefill_kernels.values()):.1f} us of GPU time, top kernels:")
+    for kernel, us in list(prefill_kernels.items())[:8]:
+        print(f"  {us:8.1f} us  {kernel}")
     print(host[:6000])
     return dict(first_token_ms=first_token_ms, prefill_ms=prefill_ms, step_replay_ms=replay_ms,
-                step_kernel_us=gpu_us, kernels=kernels, host_profile=host)
+                step_kernel_us=gpu_us, kernels=kernels, prefill_kernels=prefill_kernels, host_profile=host)
 
 
 def main() -> None:

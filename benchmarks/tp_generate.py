@@ -26,6 +26,7 @@ import triton
 import tritonize
 from tritonize import parallel
 from tritonize.bench.generation import LLAMA_1_7GB
+from tritonize.generation.api import ENGINE_ATTRIBUTE
 
 CONFIGS = {
     "llama-1.7gb": LLAMA_1_7GB,
@@ -70,6 +71,9 @@ def seconds(call, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+SHORT_RUN = 32  # new tokens of the run whose time is subtracted from the full run's (as bench-generate)
+
+
 def measure(model, device, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     vocab = model.config.vocab_size
     ids = torch.randint(vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
@@ -80,10 +84,42 @@ def measure(model, device, batch: int, prompt_len: int, new_tokens: int, repeats
         assert out.shape[1] == prompt_len + n
 
     generate(new_tokens)  # warm-up: Triton compiles, caches allocated
-    first = statistics.median(seconds(lambda: generate(1), device) for _ in range(repeats))
-    whole = statistics.median(seconds(lambda: generate(new_tokens), device) for _ in range(repeats))
+    first, short, whole = (statistics.median(seconds(lambda n=n: generate(n), device) for _ in range(repeats))
+                           for n in (1, min(SHORT_RUN, new_tokens - 1), new_tokens))
+    # decode rate from the difference of two runs: prefill and per-call set-up cancel out
+    step = (whole - short) / (new_tokens - min(SHORT_RUN, new_tokens - 1))
     return dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, time_to_first_token_ms=first * 1e3,
-                generate_s=whole, decode_tokens_per_s=batch * (new_tokens - 1) / (whole - first))
+                generate_s=whole, step_ms=step * 1e3, decode_tokens_per_s=batch / step,
+                end_to_end_tokens_per_s=batch * new_tokens / whole)
+
+
+def profile_step(model, device, batch: int, prompt_len: int) -> dict[str, float]:
+    """GPU microseconds per kernel name of one eager decode step (this rank), after a prefill (CPU: ops' times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = getattr(model, ENGINE_ATTRIBUTE)
+    ids = torch.randint(model.config.vocab_size, (batch, prompt_len), device=device)
+    engine.reserve(batch, prompt_len + 8)
+    with torch.no_grad():
+        engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        tokens, seqlens = ids[:, -1].clone(), engine.cache_seqlens.clone()
+        steps = 10
+        activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+        kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+        for _ in range(2):
+            engine.cache_seqlens.copy_(seqlens)
+            engine.step(tokens)
+        synchronize(device)
+        with profile(activities=[activity]) as prof:
+            for _ in range(steps):
+                engine.cache_seqlens.copy_(seqlens)
+                engine.step(tokens)
+            synchronize(device)
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == kind:
+            totals[event.name[:90]] = totals.get(event.name[:90], 0.0) + event.device_time / steps
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def main() -> None:
@@ -94,6 +130,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=None, help="default 128 (tiny: 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny: 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--profile", action="store_true", help="also GPU time per kernel of one decode step")
     args = parser.parse_args()
     name = "tiny" if args.tiny else "llama-8b"
     prompt_len = args.prompt_len or (8 if args.tiny else 128)
@@ -111,10 +148,19 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         peaks = [None] * world_size
         dist.all_gather_object(peaks, peak)
-        rows.append({**row, "peak_memory_gib_per_rank": peaks})
+        row["peak_memory_gib_per_rank"] = peaks
+        if args.profile:
+            row["step_kernels_us"] = profile_step(model, device, batch, prompt_len)
+        rows.append(row)
         if rank == 0:
-            print(f"world {world_size} batch {batch}: {row['decode_tokens_per_s']:.1f} tokens/s, "
+            print(f"world {world_size} batch {batch}: {row['decode_tokens_per_s']:.1f} tokens/s "
+                  f"(step {row['step_ms']:.3f} ms; end to end {row['end_to_end_tokens_per_s']:.1f} tokens/s), "
                   f"first token {row['time_to_first_token_ms']:.1f} ms, peak GiB per rank {peaks}", flush=True)
+            if args.profile:
+                kernels = row["step_kernels_us"]
+                print(f"  eager step: {sum(kernels.values()):.1f} us of GPU time on rank 0")
+                for kernel, us in list(kernels.items())[:12]:
+                    print(f"  {us:8.1f} us  {kernel}")
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         result = dict(
