@@ -3,7 +3,7 @@
 An 8B-like Llama (hidden 4096, 32 layers, 32 heads / 8 KV heads, intermediate 14336, vocab 128256, bf16,
 random weights) through `tritonize.parallel.tensor_parallel` + `tritonize.generate`: prompt 128, 256 new
 tokens, batch 1 and 8; time to first token, decode tokens/s and each rank's peak GPU memory. Run it with
-N = 1 for the baseline, then 2 (4, 8). Rank 0 writes DIR/tp-generate-<config>-world<N>.json.
+N = 1 for the baseline, then 2 (4, 8). Rank 0 writes DIR/tp-generate-<config>-world<N>-<all-reduce>.json.
 
 Every rank makes the whole random model on its own GPU (16 GB, seconds) and the engine takes its shards
 (the HF model stays whole beside them: memory is not what this measures). `--tiny` runs a tiny fp32
@@ -27,6 +27,7 @@ import tritonize
 from tritonize import parallel
 from tritonize.bench.generation import LLAMA_1_7GB
 from tritonize.generation.api import ENGINE_ATTRIBUTE
+from tritonize.generation.collectives import ALL_REDUCE_METHODS
 
 CONFIGS = {
     "llama-1.7gb": LLAMA_1_7GB,
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny: 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--profile", action="store_true", help="also GPU time per kernel of one decode step")
+    parser.add_argument("--all-reduce", default="auto", choices=ALL_REDUCE_METHODS,
+                        help="how ranks sum activations (tritonize.parallel.tensor_parallel's all_reduce)")
     args = parser.parse_args()
     name = "tiny" if args.tiny else "llama-8b"
     prompt_len = args.prompt_len or (8 if args.tiny else 128)
@@ -139,7 +142,8 @@ def main() -> None:
     rank, world_size = parallel.init_from_torchrun()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = random_llama(name, torch.float32 if args.tiny else torch.bfloat16, device)
-    parallel.tensor_parallel(model, device=device)
+    parallel.tensor_parallel(model, device=device, all_reduce=args.all_reduce)
+    engine = getattr(model, ENGINE_ATTRIBUTE)
     rows = []
     for batch in args.batches:
         if device.type == "cuda":
@@ -166,13 +170,15 @@ def main() -> None:
         result = dict(
             card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             world_size=world_size, backend=dist.get_backend(), config=name, model=CONFIGS[name],
+            all_reduce=engine.collectives.method if engine.collectives else None,
+            vocab_parallel_lm_head=engine.vocab_parallel,
             dtype="float32" if args.tiny else "bfloat16", torch=torch.__version__, triton=triton.__version__,
             transformers=transformers.__version__,
             nccl=".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             command="torchrun --nproc-per-node {} {}".format(world_size, " ".join(sys.argv)), rows=rows,
         )
-        path = args.out / f"tp-generate-{name}-world{world_size}.json"
+        path = args.out / f"tp-generate-{name}-world{world_size}-{args.all_reduce}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     dist.destroy_process_group()

@@ -15,14 +15,27 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_generation import left_padded, tiny
+from test_generation import TINY, left_padded, tiny
 
 import tritonize
 from tritonize import parallel
 from tritonize.generation import DecoderEngine
 
 WORKER = Path(__file__).with_name("tp_worker.py")
-FAMILIES = ("llama", "gpt2")  # GQA + rotary + SwiGLU; fused Conv1D qkv, learned positions, tied lm_head
+# GQA + rotary + SwiGLU; fused Conv1D qkv, learned positions, tied lm_head; an even vocabulary: the output
+# projection split by vocabulary rows and the logits gathered (97 rows stay whole on every rank)
+FAMILIES = ("llama", "gpt2", "llama-even-vocab")
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    if family != "llama-even-vocab":
+        return tiny(family)
+    config = transformers.LlamaConfig(**{**TINY, "vocab_size": 96})
+    model = transformers.LlamaForCausalLM(config).eval()
+    for param in model.parameters():
+        if param.dim() == 2:
+            param.data.normal_(0, 0.2)
+    return model
 
 
 def cpu_environment() -> dict:
@@ -45,9 +58,10 @@ def single_process_reference(model, ids, mask) -> dict:
 def test_two_processes_match_the_single_process_model(tmp_path):
     ids, mask = left_padded([6, 3], 6)
     torch.save((ids, mask), tmp_path / "prompts.pt")
-    models = {family: tiny(family) for family in FAMILIES}
+    models = {family: tiny_model(family) for family in FAMILIES}
     for family, model in models.items():
         torch.save(model, tmp_path / f"{family}.pt")
+    (tmp_path / "families.txt").write_text(" ".join(FAMILIES))
     three_heads = transformers.LlamaConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
                                            intermediate_size=64, vocab_size=97)
     torch.save(transformers.LlamaForCausalLM(three_heads).eval(), tmp_path / "three_heads.pt")
@@ -64,6 +78,8 @@ def test_two_processes_match_the_single_process_model(tmp_path):
         for family in FAMILIES:
             seen, expected = results[family], references[family]
             assert seen["local_heads"] == 2  # of 4: each rank computes half of every attention block
+            assert seen["vocab_parallel"] == (family == "llama-even-vocab")
+            assert seen["all_reduce"] == "torch.distributed"  # gloo: symmetric memory is CUDA-only
             torch.testing.assert_close(seen["prefill_logits"], expected["prefill_logits"])
             torch.testing.assert_close(seen["step_logits"], expected["step_logits"])
             assert torch.equal(seen["tokens"], expected["hf_tokens"])
@@ -92,6 +108,6 @@ def test_benchmark_script_runs_tiny_under_torchrun(tmp_path):
     env = cpu_environment()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(script), "--tiny",
                     "--batches", "2", "--repeats", "1", "--out", str(tmp_path)], env=env, check=True, timeout=120)
-    result = json.loads((tmp_path / "tp-generate-tiny-world1.json").read_text())
+    result = json.loads((tmp_path / "tp-generate-tiny-world1-auto.json").read_text())
     assert result["world_size"] == 1 and result["backend"] == "gloo"
     assert [row["batch"] for row in result["rows"]] == [2] and result["rows"][0]["decode_tokens_per_s"] > 0

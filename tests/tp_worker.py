@@ -26,7 +26,7 @@ def main(folder: Path) -> None:
     rank, world_size = parallel.init_from_torchrun()
     ids, mask = torch.load(folder / "prompts.pt")
     results = {"world_size": world_size}
-    for family in ("llama", "gpt2"):
+    for family in (folder / "families.txt").read_text().split():
         model = torch.load(folder / f"{family}.pt", weights_only=False)
         assert parallel.tensor_parallel(model) is model
         engine = getattr(model, ENGINE_ATTRIBUTE)
@@ -38,7 +38,8 @@ def main(folder: Path) -> None:
         same_engine = getattr(model, ENGINE_ATTRIBUTE) is engine
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # rebuilds the engine
         rebuilt_tokens = tritonize.generate(model, ids, mask, max_new_tokens=4, eos_token_id=[])
-        results[family] = dict(local_heads=engine.local_heads, prefill_logits=prefill_logits,
+        results[family] = dict(local_heads=engine.local_heads, vocab_parallel=engine.vocab_parallel,
+                               all_reduce=engine.collectives.method, prefill_logits=prefill_logits,
                                step_logits=step_logits, tokens=tokens, same_engine=same_engine,
                                rebuilt_tokens=rebuilt_tokens, rebuilt_tp_size=getattr(model, ENGINE_ATTRIBUTE).tp_size)
     generator = torch.Generator().manual_seed(rank)  # different seeds: the ranks must still agree

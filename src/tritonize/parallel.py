@@ -67,7 +67,8 @@ def _check_same_model(model: torch.nn.Module, group, device: torch.device) -> No
                          "load the same checkpoint on every rank (random weights: the same seed)")
 
 
-def tensor_parallel(model: torch.nn.Module, *, process_group=None, device: torch.device | str | None = None):
+def tensor_parallel(model: torch.nn.Module, *, process_group=None, device: torch.device | str | None = None,
+                    all_reduce: str = "auto"):
     """Shards an HF causal LM for tensor-parallel `tritonize.generate` over `process_group` (None: the default
     group); returns the model.
 
@@ -75,6 +76,11 @@ def tensor_parallel(model: torch.nn.Module, *, process_group=None, device: torch
     weights to `device` (default: cuda:LOCAL_RANK when CUDA is available, else the CPU); the HF model
     itself may stay on the CPU. The engine is cached on the model, so `tritonize.generate(model, ...)` runs
     tensor parallel unchanged, with inputs on `device`; every rank must make the same calls.
+
+    all_reduce: how the ranks sum the attention and MLP outputs (generation/collectives.py): "auto" takes
+    PyTorch's symmetric-memory one-shot all-reduce for small sums on CUDA (decode steps) and
+    torch.distributed (NCCL, gloo) otherwise; "symmetric-memory" raises where that cannot be set up;
+    "torch.distributed" always uses torch.distributed.all_reduce.
     """
     model = check_causal_lm(model)
     if not dist.is_available() or not dist.is_initialized():
@@ -85,6 +91,6 @@ def tensor_parallel(model: torch.nn.Module, *, process_group=None, device: torch
     device = torch.device(device)
     _check_same_model(model, process_group, device)
     engine = DecoderEngine(model, tp_rank=dist.get_rank(process_group), tp_size=dist.get_world_size(process_group),
-                           process_group=process_group, device=device)
+                           process_group=process_group, device=device, all_reduce=all_reduce)
     setattr(model, ENGINE_ATTRIBUTE, engine)
     return model

@@ -79,15 +79,18 @@ class TuningCache:
 
 
 _cache: TuningCache | None = None
+_cache_env: str | None = None  # the $TRITONIZE_TUNING_CACHE that _cache was read under
 
 
 def cache() -> TuningCache:
-    """The process's cache, read on first use (set $TRITONIZE_TUNING_CACHE before that)."""
-    global _cache
-    with _lock:
-        if _cache is None or _cache.path != user_path():
-            _cache = TuningCache()
-        return _cache
+    """The process's cache, read on first use and again when $TRITONIZE_TUNING_CACHE changes (a string
+    comparison per call: this runs on every linear launch)."""
+    global _cache, _cache_env
+    env = os.environ.get(ENV_PATH)
+    if _cache is None or env != _cache_env:
+        with _lock:
+            _cache, _cache_env = TuningCache(), env
+    return _cache
 
 
 @contextlib.contextmanager

@@ -12,10 +12,11 @@ cumsum(attention_mask) - 1 gives them.
 
 Tensor parallelism (tp_size > 1, Megatron style): each rank keeps its share of the heads (Q and KV) and of
 the MLP's intermediate columns; the attention output and down projections are split by their input
-and summed with all_reduce, the bias and the residual added on rank 0 only. Embeddings and lm_head stay
-whole on every rank. The engine's weights live on `device` (default: the model's); the HF parameters are
-shared only when tp_size == 1 and the devices agree, otherwise the engine holds copies of its slices, so
-a model kept on the CPU costs each GPU only its own shards.
+and summed over the ranks (generation/collectives.py), the bias and the residual added on rank 0 only.
+The output projection is split by vocabulary rows (when they divide evenly) and the logits gathered;
+the embeddings stay whole on every rank. The engine's weights live on `device` (default: the model's);
+the HF parameters are shared only when tp_size == 1 and the devices agree, otherwise the engine holds
+copies of its slices, so a model kept on the CPU costs each GPU only its own shards.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tritonize import ops
+from tritonize.generation.collectives import RankCollectives
 from tritonize.generation.settings import HF_ACTIVATIONS
 from tritonize.passes.sibling_linears import pack_parameters
 
@@ -76,7 +78,7 @@ class DecoderEngine:
     """
 
     def __init__(self, model: torch.nn.Module, *, tp_rank: int = 0, tp_size: int = 1, process_group=None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, all_reduce: str = "auto") -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"tritonize generation does not support model type {config.model_type!r} "
@@ -85,6 +87,7 @@ class DecoderEngine:
             raise ValueError(f"tp_rank must be in [0, tp_size={tp_size}), got {tp_rank}")
         self.model, self.config = model, config
         self.tp_rank, self.tp_size, self.process_group = tp_rank, tp_size, process_group
+        self.all_reduce = all_reduce
         self.requested_device = device
         self.device = torch.device(device) if device is not None else model.lm_head.weight.device
         self.shares_weights = tp_size == 1 and self.device == model.lm_head.weight.device
@@ -102,7 +105,13 @@ class DecoderEngine:
         self.gpt2 = config.model_type == "gpt2"
         self.layers = self._read_gpt2() if self.gpt2 else self._read_llama_like()
         tied = model.lm_head.weight is model.get_input_embeddings().weight
-        self.lm_head = self.embed if tied else self._local(model.lm_head.weight)  # a tied one is copied once
+        self.vocab_parallel = tp_size > 1 and model.lm_head.weight.shape[0] % tp_size == 0
+        if self.vocab_parallel:  # each rank reads 1/tp_size of the output projection, logits gathered
+            self.lm_head = self._shard(model.lm_head.weight, 0)
+        else:
+            self.lm_head = self.embed if tied else self._local(model.lm_head.weight)  # a tied one is copied once
+        self.collectives = (RankCollectives(process_group, self.device, self.embed.dtype, all_reduce)
+                            if tp_size > 1 else None)
         self.cache_batch = self.cache_len = 0
         self.weight_addresses = self._weight_addresses()
 
@@ -211,7 +220,8 @@ class DecoderEngine:
     def rebuilt(self) -> DecoderEngine:
         """A new engine over the model's current parameters, on this one's ranks, group and device."""
         return DecoderEngine(self.model, tp_rank=self.tp_rank, tp_size=self.tp_size,
-                             process_group=self.process_group, device=self.requested_device)
+                             process_group=self.process_group, device=self.requested_device,
+                             all_reduce=self.all_reduce)
 
     # -- caches -------------------------------------------------------------------------------------
 
@@ -240,9 +250,7 @@ class DecoderEngine:
     # -- forward --------------------------------------------------------------------------------------
 
     def _sum_ranks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
-            torch.distributed.all_reduce(x, group=self.process_group)
-        return x
+        return x if self.collectives is None else self.collectives.sum(x)
 
     def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos, sin [batch, seq, rotary_dim] at positions [batch, seq], gathered once for every layer."""
@@ -276,7 +284,8 @@ class DecoderEngine:
         return h + F.embedding(positions, self.position_embed) if self.gpt2 else h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return ops.linear(self.final_norm(h), self.lm_head)
+        logits = ops.linear(self.final_norm(h), self.lm_head)
+        return self.collectives.gather_last_dim(logits) if self.vocab_parallel else logits
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Runs left-padded prompts [batch, prompt_len] (mask True = real token) into the caches.

@@ -11,6 +11,7 @@ Must never import torch.fx, Dynamo or transformers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -240,6 +241,7 @@ def _split_k_reduce_kernel(
     )  # fmt: skip
 
 
+@functools.cache
 def _device_limits(device: torch.device) -> tuple[int, int, bool]:
     """(SM count, shared-memory bytes a program's pipelined tiles may use, whether it has TMA)."""
     if device.type != "cuda":  # the interpreter emulates tensor descriptors with masked loads
@@ -276,13 +278,19 @@ def _num_tiles(config: LinearConfig, M: int, N: int) -> int:
 
 
 def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearConfig:
+    return _pick_config_cached(M, N, K, dtype, device, dot_precision(dtype))
+
+
+@functools.lru_cache(maxsize=4096)  # on every launch's path: computed once per shape, device and precision
+def _pick_config_cached(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                        precision: str) -> LinearConfig:
     sm_count, smem_budget, has_tma = _device_limits(device)
 
     def cost(tile_and_efficiency):  # waves of programs times the work of one program
         tile, efficiency = tile_and_efficiency
         return triton.cdiv(_num_tiles(tile, M, N), sm_count) * tile.block_m * tile.block_n / efficiency
 
-    tensor_core_tma = has_tma and dot_precision(dtype) != "ieee"
+    tensor_core_tma = has_tma and precision != "ieee"
     if INTERPRETED:  # few, big blocks keep CPU tests fast; masks (or TMA bounds) still cover the edges
         block_k = min(128, max(16, triton.next_power_of_2(K)))
         tile = LinearConfig(16 if M <= SKINNY_MAX_M else 64, 64, block_k, group_m=4,
