@@ -101,7 +101,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
     from tritonize.bench import generation
     from tritonize.bench.report import markdown_table, write_results
 
-    payload = generation.run(tuple(args.models), args.engines)
+    payload = generation.run(tuple(args.models), args.engines, tune=args.tune)
     rows = payload["rows"]
     path = write_results("bench-generate-" + "-".join(args.models), payload, Path(args.out))
     print(markdown_table(rows))
@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--engines", nargs="+", choices=["hf-generate-dynamic-cache", "hf-generate-static-cache",
                                                       "tritonize"], help="time only these engines (default: all)")
     gen.add_argument("--out", default="benchmarks/results", help="folder for the JSON and Markdown results")
+    gen.add_argument("--tune", action="store_true",
+                     help="time kernel configs for each new linear shape on tritonize's first call and store the "
+                          "fastest in the tuning cache ($TRITONIZE_TUNING_CACHE) before timing")
     gen.set_defaults(handler=_bench_generate)
     debug = sub.add_parser("debug", help="run one kernel bounds-checked on CPU and compare it with its reference",
                            epilog=DEBUG_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

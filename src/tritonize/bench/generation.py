@@ -8,12 +8,14 @@ over the measured copy bandwidth), first-call seconds and greedy agreement with 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
 
 import torch
 
+from tritonize import tuning
 from tritonize.bench.kernels import measure_ceilings
 from tritonize.bench.report import Row
 
@@ -55,7 +57,7 @@ def _agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
 
 def bench_model(name: str, model, batches, prompt_len: int, new_tokens: int,
                 bytes_per_step: Callable[[int, int], float], copy_bytes_per_s: float,
-                engines_wanted=None, progress=print) -> tuple[list[Row], dict]:
+                engines_wanted=None, progress=print, tune: bool = False) -> tuple[list[Row], dict]:
     rows, extra = [], {}
     engines = {k: v for k, v in _engines(model).items() if engines_wanted is None or k in engines_wanted}
     for batch in batches:
@@ -65,8 +67,10 @@ def bench_model(name: str, model, batches, prompt_len: int, new_tokens: int,
         for engine, generate in engines.items():
             if engine == "hf-generate-static-cache" and batch > 1:
                 continue  # slower than the dynamic cache at batch 1 already (ANCHORS.md); saves GPU minutes
+            tuning_context = tuning.autotuning() if tune and engine == "tritonize" else contextlib.nullcontext()
             with torch.inference_mode():
-                warmup_s, _ = _seconds(functools.partial(generate, ids, mask, 8))
+                with tuning_context:  # --tune: the first call times kernel configs for each new linear shape
+                    warmup_s, _ = _seconds(functools.partial(generate, ids, mask, 8))
                 first_s, _ = _seconds(functools.partial(generate, ids, mask, 1))
                 short_s, _ = _seconds(functools.partial(generate, ids, mask, SHORT_RUN))
                 total_s, out = _seconds(functools.partial(generate, ids, mask, new_tokens))
@@ -91,7 +95,7 @@ def bench_model(name: str, model, batches, prompt_len: int, new_tokens: int,
 ENGINES = ("hf-generate-dynamic-cache", "hf-generate-static-cache", "tritonize")
 
 
-def run(models=("llama", "t5"), engines_wanted=None, progress=print) -> dict:
+def run(models=("llama", "t5"), engines_wanted=None, progress=print, tune: bool = False) -> dict:
     import transformers
 
     ceilings = measure_ceilings()
@@ -109,7 +113,7 @@ def run(models=("llama", "t5"), engines_wanted=None, progress=print) -> dict:
             return weight_bytes + batch * mean_len * kv_bytes_per_token
 
         got_rows, got = bench_model("llama-1.7GB", model, (1, 8), 128, 256, llama_bytes, copy_bytes_per_s,
-                                    engines_wanted, progress)
+                                    engines_wanted, progress, tune)
         rows += got_rows
         extra.update(got)
         del model
@@ -120,7 +124,7 @@ def run(models=("llama", "t5"), engines_wanted=None, progress=print) -> dict:
         step_modules = (model.decoder, model.lm_head)
         decoder_bytes = sum(p.numel() * p.element_size() for m in step_modules for p in m.parameters())
         got_rows, got = bench_model("t5-base", model, (1, 8), 128, 64, lambda batch, mean_len: decoder_bytes,
-                                    copy_bytes_per_s, engines_wanted, progress)
+                                    copy_bytes_per_s, engines_wanted, progress, tune)
         rows += got_rows
         extra.update(got)
     return {"rows": rows, **extra}
