@@ -94,6 +94,23 @@ def measure(model, device, batch: int, prompt_len: int, new_tokens: int, repeats
                 end_to_end_tokens_per_s=batch * new_tokens / whole)
 
 
+def sum_error(engine, device) -> float | None:
+    """Largest relative difference between the engine's sum over ranks (symmetric memory by default) and an
+    fp32 torch.distributed.all_reduce of the same random decode-step tensors; None on one rank."""
+    if engine.collectives is None:
+        return None
+    worst = 0.0
+    generator = torch.Generator(device).manual_seed(dist.get_rank())
+    for batch in (1, 3, 8, 64):
+        x = torch.randn((batch, 1, engine.config.hidden_size), generator=generator, device=device,
+                        dtype=engine.embed.dtype)
+        expected = x.to(torch.float32, copy=True)
+        dist.all_reduce(expected)
+        got = engine.collectives.sum(x.clone()).float()
+        worst = max(worst, ((got - expected).abs().max() / expected.abs().max()).item())
+    return worst
+
+
 def profile_step(model, device, batch: int, prompt_len: int) -> dict[str, float]:
     """GPU microseconds per kernel name of one eager decode step (this rank), after a prefill (CPU: ops' times)."""
     from torch.profiler import ProfilerActivity, profile
@@ -144,6 +161,10 @@ def main() -> None:
     model = random_llama(name, torch.float32 if args.tiny else torch.bfloat16, device)
     parallel.tensor_parallel(model, device=device, all_reduce=args.all_reduce)
     engine = getattr(model, ENGINE_ATTRIBUTE)
+    sum_check = sum_error(engine, device)
+    if rank == 0:
+        print(f"sums through {engine.collectives.method if engine.collectives else None}: largest relative "
+              f"difference to an fp32 all_reduce {sum_check}", flush=True)
     rows = []
     for batch in args.batches:
         if device.type == "cuda":
@@ -171,7 +192,7 @@ def main() -> None:
             card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             world_size=world_size, backend=dist.get_backend(), config=name, model=CONFIGS[name],
             all_reduce=engine.collectives.method if engine.collectives else None,
-            vocab_parallel_lm_head=engine.vocab_parallel,
+            vocab_parallel_lm_head=engine.vocab_parallel, sum_max_relative_difference_to_fp32=sum_check,
             dtype="float32" if args.tiny else "bfloat16", torch=torch.__version__, triton=triton.__version__,
             transformers=transformers.__version__,
             nccl=".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
