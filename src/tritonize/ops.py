@@ -24,10 +24,10 @@ from tritonize.kernels.decode_attention import decode_attention_fwd
 from tritonize.kernels.gated_mlp import gated_mlp_fwd
 from tritonize.kernels.linear import LinearConfig, linear_fwd, time_linear_configs, tuning_candidates
 from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
-from tritonize.kernels.rotary import rotary_fwd
+from tritonize.kernels.rotary import rotary_cache_write_fwd, rotary_fwd
 
-__all__ = ["attention", "linear", "layer_norm", "rms_norm", "rotary", "gated_mlp", "concat_gate_up", "decode_attention",
-           "SUPPORTED_DTYPES"]
+__all__ = ["attention", "linear", "layer_norm", "rms_norm", "rotary", "rotary_cache_write", "gated_mlp",
+           "concat_gate_up", "decode_attention", "SUPPORTED_DTYPES"]
 
 logger = logging.getLogger("tritonize")
 
@@ -416,6 +416,11 @@ def rotary(
     duplicate_interleave: pass HF GPT-J's [batch, seq, rotary_dim / 2] cos.repeat_interleave(2, dim=-1)).
     Outputs are contiguous, in q's dtype.
     """
+    _check_rotary_args(q, k, cos, sin, interleaved)
+    return _rotary_op(q, k, cos, sin, interleaved)
+
+
+def _check_rotary_args(q, k, cos, sin, interleaved) -> None:
     for name, t in (("q", q), ("k", k)):
         _check_tensor(name, t, ndim=4)
         _check_float(name, t, q.dtype)
@@ -441,7 +446,96 @@ def rotary(
                          f"got {rotary_dim}")
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
-    return _rotary_op(q, k, cos, sin, interleaved)
+
+
+@torch.library.custom_op("tritonize::rotary_cache_write", mutates_args=("k_cache", "v_cache", "q_out"))
+def _rotary_cache_write_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    write_offsets: torch.Tensor,
+    interleaved: bool,
+    q_out: torch.Tensor | None,
+) -> None:
+    if _runs_triton(q):
+        rotary_cache_write_fwd(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out)
+        return
+    q_rot = reference.rotary_cache_write(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved)
+    if q_out is not None:
+        q_out.copy_(q_rot)
+
+
+@_rotary_cache_write_op.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out):
+    return None
+
+
+def rotary_cache_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    write_offsets: torch.Tensor,
+    *,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """`rotary(q, k, cos, sin)` and the KV-cache write of k and v, in one kernel; returns the rotated q.
+
+    q: [batch, heads, seq, head_dim]; k, v: [batch, kv_heads, seq, head_dim], any strides (views of a
+    packed qkv projection are fine). cos, sin as `rotary` takes them, or both None: nothing is rotated
+    (learned positions, GPT-2), k and v are only written and q is returned as given. k_cache, v_cache:
+    contiguous [cache_batch >= batch, kv_heads, cache_len, head_dim] in q's dtype, written in place: token s
+    of sequence b goes to position write_offsets[b] + s (decode: each sequence's current length; prefill: 0).
+    write_offsets: int32 or int64 [batch] on q's device, read on the device only (no host sync: capturable in
+    a CUDA graph). The caller guarantees write_offsets[b] + seq <= cache_len, which cannot be checked without
+    a sync; positions outside [0, cache_len) are skipped, never written out of bounds. Returns the rotated q
+    as a new contiguous tensor in q's dtype.
+    """
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must both be tensors, or both None (no rotation)")
+    if cos is None:
+        _check_tensor("q", q, ndim=4)
+        _check_float("q", q)
+    else:
+        _check_rotary_args(q, k, cos, sin, interleaved)
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t, ndim=4)
+        _check_float(name, t, q.dtype)
+    _check_tensor("write_offsets", write_offsets, ndim=1)
+    _check_same_device(q.device, k=k, v=v, k_cache=k_cache, v_cache=v_cache, write_offsets=write_offsets)
+    batch, _, seq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if v.shape != k.shape or (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq, head_dim):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape, with q's "
+                         f"{tuple(q.shape)} batch, seq and head_dim")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    cache_batch, cache_heads, cache_len, cache_head_dim = k_cache.shape
+    if cache_batch < batch or cache_heads != kv_heads or cache_head_dim != head_dim or cache_len < seq:
+        raise ValueError(f"k_cache/v_cache of shape {tuple(k_cache.shape)} cannot hold k of shape {tuple(k.shape)}: "
+                         "need (>= batch, kv_heads, >= seq, head_dim)")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if write_offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"write_offsets must be an int32 or int64 tensor, got {write_offsets.dtype}")
+    if write_offsets.shape[0] != batch:
+        raise ValueError(f"write_offsets must have shape (batch,) = ({batch},), got {tuple(write_offsets.shape)}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    q_out = None if cos is None else torch.empty_like(q, memory_format=torch.contiguous_format)
+    _rotary_cache_write_op(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out)
+    return q if q_out is None else q_out
 
 
 # -- gated MLP ------------------------------------------------------------------------------------

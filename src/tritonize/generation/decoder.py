@@ -256,8 +256,9 @@ class DecoderEngine:
         """cos, sin [batch, seq, rotary_dim] at positions [batch, seq], gathered once for every layer."""
         return None if self.gpt2 else (self.cos[positions], self.sin[positions])
 
-    def _layer(self, index: int, h: torch.Tensor, rotation, attend) -> torch.Tensor:
-        """Block `index` on h [batch, seq, hidden]; rotation: `_rotation(positions)`; `attend(index, q, k, v)`
+    def _layer(self, index: int, h: torch.Tensor, rotation, write_at: torch.Tensor, attend) -> torch.Tensor:
+        """Block `index` on h [batch, seq, hidden]; rotation: `_rotation(positions)`; write_at: int32 [batch], the
+        cache position of each sequence's first token here; `attend(index, q)`, once k and v are in the caches,
         returns [batch, seq, heads, dim] (seq-major: reshaped to the hidden size without a copy)."""
         layer = self.layers[index]
         batch, seq, _ = h.shape
@@ -268,9 +269,9 @@ class DecoderEngine:
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if rotation is not None:
-            q, k = ops.rotary(q, k, *rotation)
-        out = attend(index, q, k, v).reshape(batch, seq, self.local_heads * self.head_dim)
+        cos, sin = rotation if rotation is not None else (None, None)
+        q = ops.rotary_cache_write(q, k, v, cos, sin, self.k_caches[index], self.v_caches[index], write_at)
+        out = attend(index, q).reshape(batch, seq, self.local_heads * self.head_dim)
         h = self._sum_ranks(ops.linear(out, layer.o_weight, layer.o_bias, residual=h if rank0 else None))
         x = layer.mlp_norm(h)
         if layer.gated:
@@ -297,15 +298,15 @@ class DecoderEngine:
         self.key_start = (prompt_len - attention_mask.sum(-1)).to(torch.int32)
         self.cache_seqlens = torch.full((batch,), prompt_len, dtype=torch.int32, device=input_ids.device)
 
-        def attend(index, q, k, v):
-            self.k_caches[index][:batch, :, :prompt_len] = k
-            self.v_caches[index][:batch, :, :prompt_len] = v
+        def attend(index, q):
+            k, v = self.k_caches[index][:batch, :, :prompt_len], self.v_caches[index][:batch, :, :prompt_len]
             return ops.attention(q, k, v, scale=self.layers[index].scale, causal=True, key_padding_mask=attention_mask,
                                  seq_major=True)
 
         h, rotation = self._embed(input_ids, positions), self._rotation(positions)
+        write_at = torch.zeros(batch, dtype=torch.int32, device=input_ids.device)
         for index in range(len(self.layers)):
-            h = self._layer(index, h, rotation, attend)
+            h = self._layer(index, h, rotation, write_at, attend)
         return self._logits(h[:, -1])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -314,21 +315,17 @@ class DecoderEngine:
         Fixed shapes, lengths read and advanced on the device: capturable in a CUDA graph.
         """
         batch = tokens.shape[0]
-        write_at = self.cache_seqlens.long()
         positions = (self.cache_seqlens - self.key_start).long()[:, None]
         seqlens = self.cache_seqlens + 1
-        rows = torch.arange(batch, device=tokens.device)
 
-        def attend(index, q, k, v):
+        def attend(index, q):
             k_cache, v_cache = self.k_caches[index][:batch], self.v_caches[index][:batch]
-            k_cache[rows, :, write_at] = k[:, :, 0]
-            v_cache[rows, :, write_at] = v[:, :, 0]
             out = ops.decode_attention(q, k_cache, v_cache, seqlens, scale=self.layers[index].scale,
                                        key_start=self.key_start)
             return out.transpose(1, 2)  # one query token: [batch, 1, heads, dim] is still one block of memory
 
         h, rotation = self._embed(tokens[:, None], positions), self._rotation(positions)
         for index in range(len(self.layers)):
-            h = self._layer(index, h, rotation, attend)
+            h = self._layer(index, h, rotation, self.cache_seqlens, attend)
         self.cache_seqlens.copy_(seqlens)
         return self._logits(h[:, 0])

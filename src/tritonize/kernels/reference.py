@@ -183,6 +183,29 @@ def rotary(
     return apply(q), apply(k)
 
 
+def rotary_cache_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    write_offsets: torch.Tensor,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """`rotary(q, k, cos, sin)` (nothing rotated when cos is None), then k and v written in place into the
+    caches [cache_batch, kv_heads, cache_len, head_dim]: token s of sequence b at position write_offsets[b] + s,
+    positions outside [0, cache_len) skipped. Returns q rotated (q itself when cos is None)."""
+    if cos is not None:
+        q, k = rotary(q, k, cos, sin, interleaved)
+    positions = write_offsets.long()[:, None] + torch.arange(k.shape[2], device=k.device)
+    b, s = ((positions >= 0) & (positions < k_cache.shape[2])).nonzero(as_tuple=True)
+    k_cache[b, :, positions[b, s]] = k[b, :, s].to(k_cache.dtype)
+    v_cache[b, :, positions[b, s]] = v[b, :, s].to(v_cache.dtype)
+    return q
+
+
 # -- gated MLP ----------------------------------------------------------------------------------------
 
 GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # SwiGLU, GeGLU (erf), GeGLU (tanh)
