@@ -37,3 +37,17 @@ def _fresh_seed():
     torch.manual_seed(seed)
     print(f"torch seed {seed}")
     yield seed
+
+
+@pytest.fixture
+def graph_captures(monkeypatch) -> list:
+    """Every CUDA graph capture begun from now on (torch.cuda.CUDAGraph counts its capture_begin calls)."""
+    captures = []
+
+    class CountedGraph(torch.cuda.CUDAGraph):
+        def capture_begin(self, *args, **kwargs):
+            captures.append(self)
+            return super().capture_begin(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", CountedGraph)
+    return captures

@@ -27,3 +27,54 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
 def poisoned(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An output buffer full of NaN, so any element the kernel fails to write fails the check."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _specialization(value: object) -> object:
+    """What Triton compiles a kernel argument into: tensors by dtype and 16-byte alignment, integers by
+    width, divisibility by 16 and == 1, other scalars by type, constexprs (and launch options) by value."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, value.data_ptr() % 16 == 0)
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return ("int", -(2**31) <= value < 2**31, value % 16 == 0, value == 1)
+    return type(value).__name__
+
+
+class KernelLaunches:
+    """Records the compile-relevant signature of every interpreted Triton kernel launch while `recording`.
+
+    Two runs that launch the same set of signatures would compile nothing new on a GPU. Works only under
+    the interpreter (TRITON_INTERPRET=1): install with `install(monkeypatch)`.
+    """
+
+    def __init__(self) -> None:
+        self.recording = False
+        self.signatures: set[tuple] = set()
+
+    def install(self, monkeypatch) -> None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        original = InterpretedFunction.run
+        launches = self
+
+        def run(kernel, *args, grid, warmup, **kwargs):
+            if launches.recording:
+                arguments = {**dict(zip(kernel.arg_names, args, strict=False)), **kwargs}
+                launches.signatures.add((kernel.__name__, *sorted(
+                    (name, _specialization(value)) for name, value in arguments.items())))
+            return original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+
+        monkeypatch.setattr(InterpretedFunction, "run", run)
+
+    def wrap(self, function):
+        """function, recording the launches made while it runs."""
+
+        def recorded(*args, **kwargs):
+            self.recording = True
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.recording = False
+
+        return recorded

@@ -16,6 +16,7 @@ import tritonize
 from tritonize import ops
 from tritonize.generation import DecoderEngine, decode_loop, filter_logits, select_tokens
 from tritonize.generation.api import ENGINE_ATTRIBUTE
+from tritonize.generation.loop import MAX_CACHED_LOOPS, DecodeGraphCache
 
 VOCAB = 97
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -153,6 +154,61 @@ def test_model_after_optimize_model(reference_ops):
     expected = hf_generate(model, ids, mask, max_new_tokens=3, eos_token_id=None, pad_token_id=0)
     tritonize.optimize_model(model)
     assert torch.equal(tritonize.generate(model, ids, mask, max_new_tokens=3, eos_token_id=[]), expected)
+
+
+# -- state kept across calls ------------------------------------------------------------------------
+
+
+def test_consecutive_calls_match_hf():
+    """The engine's buffers and its kept decode loops serve call after call: each call gives HF's tokens
+    whatever ran before. Call 2 has call 1's batch and settings, so it resets and reuses call 1's loop (a
+    stale index, eos state or length would show in its tokens); call 3 is a smaller batch on the same
+    caches, call 4 a larger one, which grows the caches and so drops the kept loops."""
+    model = tiny("llama")
+    ids, mask = left_padded([7, 5, 2], 7)
+    free = hf_generate(model, ids, mask, max_new_tokens=6, eos_token_id=None, pad_token_id=0)[:, 7:]
+    eos = int(free[0, 1])  # row 0 of call 1 finishes at its second token
+    calls = [(ids, mask, 6), (*left_padded([4, 4, 1], 4), 4), (*left_padded([3, 2], 3), 5),
+             (*left_padded([6, 6, 3, 5], 6), 3)]
+    kept_loops = []
+    for ids, mask, new in calls:
+        expected = hf_generate(model, ids, mask, max_new_tokens=new, eos_token_id=eos, pad_token_id=0)
+        out = tritonize.generate(model, ids, mask, max_new_tokens=new, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(out, expected)
+        kept_loops.append(len(getattr(model, ENGINE_ATTRIBUTE).decode_graphs))
+    assert kept_loops == [1, 1, 2, 1]
+
+
+class Script:
+    """A fake engine whose step t makes row b choose rows[b][t + 1] (greedy); `start` begins a new script."""
+
+    def __init__(self, vocab: int = 10) -> None:
+        self.vocab, self.rows, self.steps = vocab, [], 0
+
+    def logits(self) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor([r[self.steps] for r in self.rows]), self.vocab).float()
+
+    def start(self, rows: list[list[int]]) -> torch.Tensor:
+        self.rows, self.steps = rows, 0
+        return self.logits()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        return self.logits()
+
+
+def test_kept_loop_is_reset_returns_new_tensors_and_stays_bounded():
+    script, cache = Script(), DecodeGraphCache()
+    settings = dict(eos_token_id=9, pad_token_id=0, eos_check_every=1, graph_cache=cache)
+    first = decode_loop(script.step, script.start([[4, 9, 5, 6], [3, 4, 9, 5]]), max_new_tokens=4, **settings)
+    assert first.tolist() == [[4, 9, 0], [3, 4, 9]]
+    second = decode_loop(script.step, script.start([[1, 2, 3, 4, 5], [5, 6, 7, 9, 8]]), max_new_tokens=5, **settings)
+    assert len(cache) == 1  # the same loop, reset: no eos state, index or length left from the first call
+    assert second.tolist() == [[1, 2, 3, 4, 5], [5, 6, 7, 9, 0]]
+    assert first.tolist() == [[4, 9, 0], [3, 4, 9]]  # not a view of the kept buffer
+    for pad in range(1, MAX_CACHED_LOOPS + 2):  # other settings, other loops: the oldest are dropped
+        decode_loop(script.step, script.start([[1, 2]]), max_new_tokens=2, **(settings | dict(pad_token_id=pad)))
+    assert len(cache) == MAX_CACHED_LOOPS
 
 
 # -- sampling -----------------------------------------------------------------------------------------
@@ -333,6 +389,38 @@ def test_cuda_graph_loop():
     assert torch.equal(run(graph=True), run(graph=False))
     assert torch.equal(run(graph=True, seed=7), run(graph=True, seed=7))  # the generator drives the replays
     assert not torch.equal(run(graph=True, seed=7), run(graph=True, seed=8))
+
+
+@pytest.mark.gpu
+def test_decode_graph_is_kept_across_calls(graph_captures):
+    """A call with the batch and settings of an earlier one replays its graph (no capture) and gives the eager
+    loop's tokens; so does one with another max_new_tokens of the same capacity; sampling with the same
+    generator re-seeded draws the same tokens from the kept graph."""
+    model = tiny("qwen3", device="cuda")
+
+    def graphed_and_eager(lengths: list[int], new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = (t.cuda() for t in left_padded(lengths, max(lengths)))
+        return tuple(tritonize.generate(model, ids, mask, max_new_tokens=new, eos_token_id=[], cuda_graph=graph)
+                     for graph in (True, False))
+
+    for lengths, new, captures in [([9, 4, 7], 40, 1), ([5, 5, 2], 40, 1), ([12, 3, 8], 21, 1), ([6, 6], 30, 2)]:
+        graphed, eager = graphed_and_eager(lengths, new)
+        assert torch.equal(graphed, eager)
+        assert len(graph_captures) == captures, (lengths, new)
+
+    ids, mask = (t.cuda() for t in left_padded([9, 4, 7], 9))
+    generator = torch.Generator("cuda")
+
+    def sample(seed: int) -> torch.Tensor:
+        generator.manual_seed(seed)
+        return tritonize.generate(model, ids, mask, max_new_tokens=40, eos_token_id=[], do_sample=True,
+                                  generator=generator)
+
+    first = sample(7)
+    captures = len(graph_captures)
+    assert torch.equal(sample(7), first)
+    assert not torch.equal(sample(8), first)
+    assert len(graph_captures) == captures
 
 
 # -- tensor parallelism (2 ranks as threads of this process, over gloo) -------------------------------

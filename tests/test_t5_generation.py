@@ -4,11 +4,12 @@ step by step, and greedy tokens identical to HF `generate` (fp32 on CPU; bf16 ag
 import pytest
 import torch
 import transformers
-from helpers import assert_close
+from helpers import KernelLaunches, assert_close
 
 import tritonize
 from tritonize import ops
-from tritonize.generation.t5 import T5Request, generate_t5
+from tritonize.generation.t5 import ENGINE_ATTRIBUTE, T5Engine, generate_t5
+from tritonize.kernels.common import INTERPRETED
 
 FEED_FORWARDS = ("relu", "gated-gelu")
 
@@ -58,7 +59,7 @@ def test_encoder_matches_hf(feed_forward_proj):
     model = tiny_t5(feed_forward_proj)
     input_ids, mask = padded_batch([9, 5])
     with torch.no_grad():
-        ours = T5Request(model, input_ids, mask, max_new_tokens=1).encode(input_ids)
+        ours = T5Engine(model).encode(input_ids, mask.bool())
         hf = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
     assert_close(ours, hf, scale=10)
 
@@ -70,8 +71,9 @@ def test_decoder_logits_match_teacher_forced_hf(feed_forward_proj):
     decoder_input_ids = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.randint(2, 101, (2, 3))], dim=1)
     with torch.no_grad():
         hf = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
-        request = T5Request(model, input_ids, mask, max_new_tokens=decoder_input_ids.shape[1])
-        ours = torch.stack([request.step(tokens) for tokens in decoder_input_ids.unbind(1)], dim=1)
+        engine = T5Engine(model)
+        engine.start(input_ids, mask, max_new_tokens=decoder_input_ids.shape[1])
+        ours = torch.stack([engine.step(tokens) for tokens in decoder_input_ids.unbind(1)], dim=1)
     assert_close(ours, hf, scale=10)
 
 
@@ -81,6 +83,26 @@ def test_greedy_padded_batch_matches_hf_through_kernels():
     expected = hf_generate(model, input_ids, mask, max_new_tokens=6)
     assert torch.equal(generate_t5(model, input_ids, mask, max_new_tokens=6), expected)
     assert torch.equal(tritonize.generate(model, input_ids, mask, max_new_tokens=6), expected)  # routed to T5
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="records the Triton interpreter's kernel launches")
+def test_decoder_steps_compile_nothing_new_for_other_lengths(monkeypatch):
+    """The decoder steps of fresh engines for other source and new-token lengths launch every kernel with
+    the same specializations (int args divisible by 16 or not, == 1 or not): on a GPU a call compiles nothing
+    new, whichever lengths came first. (Unrounded, the lengths 16 and 11 or 5 differ in divisibility.)"""
+    model = tiny_t5("gated-gelu")
+    launches = KernelLaunches()
+    launches.install(monkeypatch)
+    monkeypatch.setattr(T5Engine, "step", launches.wrap(T5Engine.step))
+    signatures = []
+    for lengths, new in (([16, 9], 15), ([11, 5], 4)):
+        input_ids, mask = padded_batch(lengths)
+        launches.signatures = set()
+        if hasattr(model, ENGINE_ATTRIBUTE):
+            delattr(model, ENGINE_ATTRIBUTE)  # buffers sized by this call's lengths alone
+        generate_t5(model, input_ids, mask, max_new_tokens=new)
+        signatures.append(launches.signatures)
+    assert signatures[0] and signatures[1] == signatures[0]
 
 
 # -- through the op references (same engine code, fast) -------------------------------------------------
@@ -140,9 +162,42 @@ def test_sampling_with_top_k_1_is_greedy(reference_ops):
     assert torch.equal(sampled, hf_generate(model, input_ids, mask, max_new_tokens=10))
 
 
+def test_consecutive_calls_match_hf(reference_ops):
+    """The engine kept on the model serves call after call: each call gives HF's tokens whatever ran before.
+    Call 2 (other prompts and source length, same batch and settings) resets and reuses call 1's loop over
+    buffers that still hold call 1's keys past its own lengths; call 3 is a smaller batch; call 4 a larger
+    batch and a source longer than the buffers, which grows them and drops the kept loops."""
+    model = tiny_t5("gated-gelu")
+    input_ids, mask = padded_batch([9, 6, 7])
+    eos = eos_seen_early(model, input_ids, mask)  # row 0 of call 1 finishes early
+    kept_loops = []
+    for index, (lengths, new) in enumerate([([9, 6, 7], 16), ([5, 12, 3], 10), ([4, 8], 20), ([70, 6, 7, 2], 5)]):
+        if index:
+            input_ids, mask = padded_batch(lengths)
+        expected = hf_generate(model, input_ids, mask, max_new_tokens=new, eos_token_id=eos)
+        assert torch.equal(generate_t5(model, input_ids, mask, max_new_tokens=new, eos_token_id=eos), expected)
+        engine = getattr(model, ENGINE_ATTRIBUTE)
+        kept_loops.append(len(engine.decode_graphs))
+        if index == 0:
+            first_engine = engine
+        assert engine is first_engine
+    assert kept_loops == [1, 1, 2, 1]
+
+
+def test_engine_is_rebuilt_when_a_parameter_is_replaced(reference_ops):
+    model = tiny_t5("relu")
+    input_ids, mask = padded_batch([6, 4])
+    generate_t5(model, input_ids, mask, max_new_tokens=4)
+    engine = getattr(model, ENGINE_ATTRIBUTE)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    expected = hf_generate(model, input_ids, mask, max_new_tokens=4)
+    assert torch.equal(generate_t5(model, input_ids, mask, max_new_tokens=4), expected)
+    assert getattr(model, ENGINE_ATTRIBUTE) is not engine  # a graph of the old one would read the old weight
+
+
 def test_rejects_float16_and_other_models():
     with pytest.raises(TypeError, match="bfloat16"):
-        T5Request(tiny_t5("relu", dtype=torch.float16), torch.ones(1, 3, dtype=torch.long), None, 4)
+        T5Engine(tiny_t5("relu", dtype=torch.float16))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     with pytest.raises(TypeError, match="T5ForConditionalGeneration"):
         generate_t5(gpt2, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
@@ -175,15 +230,30 @@ def test_t5_small_sizes_on_cuda(feed_forward_proj):
             module.float()
     with torch.inference_mode():
         hf_next = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=fp32_tokens[:, :-1]).logits
-        request = T5Request(model, input_ids, mask, max_new_tokens=48)
-        our_next = torch.stack([request.step(tokens) for tokens in fp32_tokens[:, :-1].unbind(1)], dim=1)
+        engine = T5Engine(model)
+        engine.start(input_ids, mask, max_new_tokens=48)
+        our_next = torch.stack([engine.step(tokens) for tokens in fp32_tokens[:, :-1].unbind(1)], dim=1)
         hf_next, our_next, fp32_next = hf_next.argmax(-1), our_next.argmax(-1), fp32_tokens[:, 1:]
     assert (our_next == hf_next).float().mean().item() >= 0.95
     assert (our_next == fp32_next).float().mean().item() >= (hf_next == fp32_next).float().mean().item() - 0.02
 
     with torch.inference_mode():
-        request = T5Request(model, input_ids, mask, max_new_tokens=48)
+        engine = T5Engine(model)
+        engine.start(input_ids, mask, max_new_tokens=48)
         eager_tokens = [fp32_tokens[:, 0]]
         for _ in range(48):
-            eager_tokens.append(request.step(eager_tokens[-1]).argmax(-1))
+            eager_tokens.append(engine.step(eager_tokens[-1]).argmax(-1))
     assert torch.equal(generate_t5(model, input_ids, mask, max_new_tokens=48), torch.stack(eager_tokens, dim=1))
+
+
+@pytest.mark.gpu
+def test_decode_graph_is_kept_across_calls(graph_captures):
+    """Calls with the batch and settings of an earlier one replay its graph (no capture), whatever their
+    prompts, source lengths and max_new_tokens within the buffers and token capacity, with the eager loop's
+    tokens; a source longer than the buffers grows them and captures anew."""
+    model = tiny_t5("gated-gelu", device="cuda")
+    for lengths, new, captures in [([9, 6, 7], 40, 1), ([12, 3, 5], 40, 1), ([9, 6, 7], 25, 1), ([70, 6, 7], 40, 2)]:
+        input_ids, mask = padded_batch(lengths, device="cuda")
+        graphed = generate_t5(model, input_ids, mask, max_new_tokens=new)
+        assert torch.equal(graphed, generate_t5(model, input_ids, mask, max_new_tokens=new, cuda_graph=False))
+        assert len(graph_captures) == captures, (lengths, new)

@@ -85,7 +85,8 @@ def generate(
     temperature, top_k, top_p, eos_token_id, pad_token_id: None takes model.generation_config's value,
     as HF does (for sampling, HF's defaults after that: temperature 1, top_k 50, top_p 1); eos_token_id=[]
     generates without an eos (HF: an explicit eos_token_id=None). generator
-    seeds sampling. cuda_graph: replay each decode step from one CUDA graph (CUDA only).
+    seeds sampling. cuda_graph: replay each decode step from one CUDA graph (CUDA only), kept on the model's
+    engine for later calls with the same batch and settings.
     T5 (T5ForConditionalGeneration) goes to `generation.t5.generate_t5`: [batch, 1 + n_new], the
     decoder start token first, as HF returns it.
     """
@@ -123,5 +124,5 @@ def generate(
         first_logits = engine.prefill(ids, mask)
         new_tokens = decode_loop(engine.step, first_logits, max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, do_sample=do_sample, cuda_graph=cuda_graph,
-                                 generator=generator, **settings)
+                                 generator=generator, graph_cache=engine.decode_graphs, **settings)
     return torch.cat([input_ids, new_tokens], dim=1)

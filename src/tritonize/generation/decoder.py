@@ -4,7 +4,9 @@ The engine reads an HF causal LM's weights once: Q, K and V fused into one proje
 one `gated_mlp` weight. With tp_size == 1 the HF parameters are re-pointed at views of the fused
 tensors, so the model and the engine share one copy of the weights (and the HF model keeps working).
 Caches are preallocated [batch, kv_heads, max_len, head_dim]; each sequence's length lives in a device
-buffer that `step` advances itself, so a step has fixed shapes and no host sync (one CUDA graph).
+buffer that `step` advances itself, so a step has fixed shapes and no host sync (one CUDA graph). Every
+tensor a step reads or writes keeps its address until `reserve` grows the caches, so the decode loop's
+graphs are kept across calls in `decode_graphs` (emptied when the caches move).
 
 Prompts arrive left-aligned to the end (left padding): sequence b's real tokens fill positions
 key_start[b] .. prompt_len - 1 of the cache and take rotary / learned positions 0, 1, ... as HF's
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from tritonize import ops
 from tritonize.generation.collectives import RankCollectives
+from tritonize.generation.loop import DecodeGraphCache
 from tritonize.generation.settings import HF_ACTIVATIONS
 from tritonize.passes.sibling_linears import pack_parameters
 
@@ -114,6 +117,7 @@ class DecoderEngine:
                             if tp_size > 1 else None)
         self.cache_batch = self.cache_len = 0
         self.weight_addresses = self._weight_addresses()
+        self.decode_graphs = DecodeGraphCache()  # the decode loops captured over this engine's buffers
 
     # -- reading the HF weights -------------------------------------------------------------------
 
@@ -226,7 +230,10 @@ class DecoderEngine:
     # -- caches -------------------------------------------------------------------------------------
 
     def reserve(self, batch: int, max_len: int) -> None:
-        """Caches for at least `batch` sequences of `max_len` positions (prompt + new tokens); grows only."""
+        """Caches for at least `batch` sequences of `max_len` positions (prompt + new tokens); grows only.
+
+        Growing reallocates every buffer a step reads, so the captured decode graphs are dropped.
+        """
         window = getattr(self.config, "sliding_window", None)
         if window is not None and max_len > window:
             raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the model's sliding window ({window}), "
@@ -236,12 +243,16 @@ class DecoderEngine:
                              "learned positions")
         if batch <= self.cache_batch and max_len <= self.cache_len:
             return
+        self.decode_graphs.clear()
         self.cache_batch = max(batch, self.cache_batch)
         self.cache_len = max(math.ceil(max_len / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE, self.cache_len)
         shape = (self.cache_batch, self.local_kv_heads, self.cache_len, self.head_dim)
         weight = self.layers[0].qkv_weight
         self.k_caches = [weight.new_zeros(shape) for _ in self.layers]
         self.v_caches = [weight.new_zeros(shape) for _ in self.layers]
+        # per sequence: its first valid key (after left padding) and its length, written by prefill
+        self.key_start = torch.zeros(self.cache_batch, dtype=torch.int32, device=weight.device)
+        self.cache_seqlens = torch.zeros(self.cache_batch, dtype=torch.int32, device=weight.device)
         if not self.gpt2:
             positions = torch.arange(self.cache_len, device=weight.device)[None]
             cos, sin = self.rotary_emb(weight[:1], positions)  # HF's own rope numerics (scaling types included)
@@ -295,8 +306,8 @@ class DecoderEngine:
         """
         batch, prompt_len = input_ids.shape
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        self.key_start = (prompt_len - attention_mask.sum(-1)).to(torch.int32)
-        self.cache_seqlens = torch.full((batch,), prompt_len, dtype=torch.int32, device=input_ids.device)
+        self.key_start[:batch].copy_(prompt_len - attention_mask.sum(-1))
+        self.cache_seqlens[:batch].fill_(prompt_len)
 
         def attend(index, q):
             k, v = self.k_caches[index][:batch, :, :prompt_len], self.v_caches[index][:batch, :, :prompt_len]
@@ -315,17 +326,18 @@ class DecoderEngine:
         Fixed shapes, lengths read and advanced on the device: capturable in a CUDA graph.
         """
         batch = tokens.shape[0]
-        positions = (self.cache_seqlens - self.key_start).long()[:, None]
-        seqlens = self.cache_seqlens + 1
+        cache_seqlens, key_start = self.cache_seqlens[:batch], self.key_start[:batch]
+        positions = (cache_seqlens - key_start).long()[:, None]
+        seqlens = cache_seqlens + 1
 
         def attend(index, q):
             k_cache, v_cache = self.k_caches[index][:batch], self.v_caches[index][:batch]
             out = ops.decode_attention(q, k_cache, v_cache, seqlens, scale=self.layers[index].scale,
-                                       key_start=self.key_start)
+                                       key_start=key_start)
             return out.transpose(1, 2)  # one query token: [batch, 1, heads, dim] is still one block of memory
 
         h, rotation = self._embed(tokens[:, None], positions), self._rotation(positions)
         for index in range(len(self.layers)):
-            h = self._layer(index, h, rotation, self.cache_seqlens, attend)
-        self.cache_seqlens.copy_(seqlens)
+            h = self._layer(index, h, rotation, cache_seqlens, attend)
+        cache_seqlens.copy_(seqlens)
         return self._logits(h[:, 0])

@@ -5,23 +5,32 @@ shapes. On CUDA (cuda_graph=True) the first steps run eagerly on a side stream a
 iteration is captured in a CUDA graph and replayed for the rest: no Python and no launch overhead per
 token. The host reads "all sequences finished" only every `eos_check_every` steps; steps run past the
 last eos only write pad tokens and are cut from the result, so the output has HF's length exactly.
+
+An engine whose step reads and writes only tensors that keep their addresses across calls passes a
+`DecodeGraphCache`: the loop's device state and its captured graph are then kept, keyed by everything
+the capture bakes in, and a later call with the same key resets the state in place and replays the
+graph from its first step (no warm-up, no capture).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from tritonize.generation.sampling import select_tokens
 
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (Triton compiles, allocator settles)
+TOKEN_CAPACITY_MULTIPLE = 64  # the tokens buffer holds max_new_tokens rounded up: nearby lengths share a graph
+MAX_CACHED_LOOPS = 8  # captured loops an engine keeps (least recently used dropped first)
 
 
 class _Iteration:
     """Device state of the loop and one token selection; every tensor keeps its address (graph-safe)."""
 
-    def __init__(self, first_logits: torch.Tensor, max_new_tokens: int, min_new_tokens: int,
+    def __init__(self, first_logits: torch.Tensor, token_capacity: int, min_new_tokens: int,
                  eos_token_ids: list[int] | None, pad_token_id: int | None, sampling: dict) -> None:
         batch, vocab = first_logits.shape
         device = first_logits.device
@@ -32,11 +41,18 @@ class _Iteration:
             self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.eos_mask[self.eos[self.eos < vocab]] = True  # an eos outside the vocabulary is never produced
         self.pad_token_id = pad_token_id
-        self.tokens = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
+        self.tokens = torch.zeros((batch, token_capacity), dtype=torch.long, device=device)
         self.last_token = torch.zeros(batch, dtype=torch.long, device=device)  # what the next step feeds the model
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # how many tokens were chosen so far
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         self.steps_with_unfinished = torch.zeros((), dtype=torch.long, device=device)  # HF's output length
+
+    def reset(self) -> None:
+        """Back to no token chosen, in place. tokens keeps the last call's values: each call reads back only
+        the columns it wrote, and last_token is set by the first selection."""
+        self.index.zero_()
+        self.unfinished.fill_(True)
+        self.steps_with_unfinished.zero_()
 
     def __call__(self, logits: torch.Tensor) -> None:
         if self.eos_mask is not None:  # HF's MinNewTokensLengthLogitsProcessor
@@ -77,8 +93,48 @@ def _check_args(first_logits, max_new_tokens, min_new_tokens, do_sample, tempera
         raise ValueError(f"generator is on {generator.device} but the logits are on {first_logits.device}")
 
 
-def _warm_up_and_capture(advance: Callable[[], None], generator: torch.Generator | None) -> Callable[[], None]:
-    """Runs WARMUP_STEPS real steps on a side stream, then captures one more (not run) and returns its replay."""
+@dataclass
+class _Loop:
+    """A loop's device state and, once captured, the replay of one iteration of it."""
+
+    iteration: _Iteration
+    replay: Callable[[], None] | None = None
+
+
+class DecodeGraphCache:
+    """The decode loops of one engine, with their CUDA graphs, for reuse across calls (least recently used
+    dropped beyond MAX_CACHED_LOOPS). Every graph is captured into one memory pool: the graphs replay one at
+    a time on one stream and keep nothing in the pool between replays (their state lives in the loop's and
+    the engine's own buffers), so they can share their temporaries. The owner calls `clear` when the
+    buffers its step reads move (caches reallocated): the graphs would read the old memory.
+    """
+
+    def __init__(self) -> None:
+        self._loops: OrderedDict[tuple, _Loop] = OrderedDict()
+        self.pool = None  # torch.cuda.graph_pool_handle(), made at the first capture
+
+    def __len__(self) -> int:
+        return len(self._loops)
+
+    def clear(self) -> None:
+        self._loops.clear()
+
+    def get(self, key: tuple) -> _Loop | None:
+        loop = self._loops.get(key)
+        if loop is not None:
+            self._loops.move_to_end(key)
+        return loop
+
+    def put(self, key: tuple, loop: _Loop) -> None:
+        self._loops[key] = loop
+        if len(self._loops) > MAX_CACHED_LOOPS:
+            self._loops.popitem(last=False)
+
+
+def _warm_up_and_capture(advance: Callable[[], None], generator: torch.Generator | None,
+                         pool: object) -> Callable[[], None]:
+    """Runs WARMUP_STEPS real steps on a side stream, then captures one more (not run) into `pool` (None: a
+    private one) and returns its replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -88,7 +144,7 @@ def _warm_up_and_capture(advance: Callable[[], None], generator: torch.Generator
     graph = torch.cuda.CUDAGraph()
     if generator is not None:  # the default generator registers itself; others must be told
         graph.register_generator_state(generator)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         advance()
     return graph.replay
 
@@ -108,6 +164,7 @@ def decode_loop(
     cuda_graph: bool = True,
     eos_check_every: int = 8,
     generator: torch.Generator | None = None,
+    graph_cache: DecodeGraphCache | None = None,
 ) -> torch.Tensor:
     """Generates up to max_new_tokens tokens per sequence; returns them, int64 [batch, n_new].
 
@@ -120,6 +177,10 @@ def decode_loop(
     an eos emits pad_token_id (default: the first eos) from then on; generation stops once every sequence
     finished, and n_new is the number of steps HF would run (<= max_new_tokens). top_k 0 or None and
     top_p None or 1.0 switch those filters off. The host checks for the end every eos_check_every steps.
+
+    graph_cache: keeps the loop's state and CUDA graph for later calls (see `DecodeGraphCache`); only
+    for a step whose every input and output tensor keeps its address from call to call, including the
+    tokens it is given (the loop's own buffer, kept with the graph). Without it each call captures anew.
     """
     _check_args(first_logits, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                 eos_token_id, pad_token_id, eos_check_every, generator)
@@ -127,20 +188,41 @@ def decode_loop(
     if pad_token_id is None and eos_token_ids is not None:
         pad_token_id = eos_token_ids[0]  # as HF does, with a warning there
     sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    graphed = cuda_graph and first_logits.is_cuda
+    batch, vocab = first_logits.shape
+    token_capacity = max_new_tokens
+    if graph_cache is not None:  # kept for later calls: room for nearby lengths too
+        token_capacity = -(-max_new_tokens // TOKEN_CAPACITY_MULTIPLE) * TOKEN_CAPACITY_MULTIPLE
+    # everything the captured work bakes in; a bound method step compares (and hashes) by its object
+    key = (step, graphed, batch, vocab, first_logits.dtype, first_logits.device, token_capacity, min_new_tokens,
+           None if eos_token_ids is None else tuple(eos_token_ids), pad_token_id, do_sample, temperature, top_k,
+           top_p, generator)
     with torch.no_grad():
-        iteration = _Iteration(first_logits, max_new_tokens, min_new_tokens, eos_token_ids, pad_token_id, sampling)
+        loop = graph_cache.get(key) if graph_cache is not None else None
+        if loop is None:
+            loop = _Loop(_Iteration(first_logits, token_capacity, min_new_tokens, eos_token_ids, pad_token_id,
+                                    sampling))
+            if graph_cache is not None:
+                graph_cache.put(key, loop)
+        else:
+            loop.iteration.reset()
+        iteration = loop.iteration
         iteration(first_logits)
 
         def advance() -> None:
             iteration(step(iteration.last_token))
 
         steps = 1
-        if cuda_graph and first_logits.is_cuda and max_new_tokens > 1 + WARMUP_STEPS:
-            advance = _warm_up_and_capture(advance, generator)
+        if graphed and loop.replay is None and max_new_tokens > 1 + WARMUP_STEPS:
+            if graph_cache is not None and graph_cache.pool is None:
+                graph_cache.pool = torch.cuda.graph_pool_handle()
+            loop.replay = _warm_up_and_capture(advance, generator, None if graph_cache is None else graph_cache.pool)
             steps += WARMUP_STEPS
+        if graphed and loop.replay is not None:
+            advance = loop.replay
         while steps < max_new_tokens:
             if eos_token_ids is not None and steps % eos_check_every == 0 and not iteration.unfinished.any():
                 break
             advance()
             steps += 1
-        return iteration.tokens[:, : int(iteration.steps_with_unfinished)]
+        return iteration.tokens[:, : int(iteration.steps_with_unfinished)].clone()  # the buffer is reused

@@ -1,10 +1,18 @@
 """T5 (encoder-decoder) generation on tritonize ops: the encoder once per request, then a decoder step
 that the shared decode loop (`generation.loop.decode_loop`) can capture in a CUDA graph.
 
-`T5Request` holds one request's state: the encoder's padding mask, every decoder layer's cross-attention
-K/V (computed once), the self-attention KV cache [batch, heads, max_len, head_dim] and the decoder
-position as a device tensor. `step` writes the new token's K/V at that position, attends, and advances
-the position in place: fixed shapes, fixed addresses, no host sync. It shares the HF model's weights.
+`T5Engine` is built once per model and kept on it (rebuilt when a parameter is replaced or moved). It
+owns the device state of a request in buffers that keep their addresses across calls: the encoder's
+padding mask, every decoder layer's cross-attention K/V, the self-attention KV cache [batch, heads,
+max_len, head_dim] and the decoder position. `start` encodes a request into them; `step` writes the new
+token's K/V at the position, attends, and advances the position in place: fixed shapes, fixed
+addresses, no host sync. So the decode loop's CUDA graphs are kept in `decode_graphs` and replayed by
+later calls. The engine shares the HF model's weights.
+
+The buffers grow only, to the largest batch, encoder length and decoder length seen, both lengths
+rounded up to LENGTH_MULTIPLE: a step attends over the whole buffers (masked past the request's
+lengths), so its shapes, and with them Triton's specializations of the kernels' integer arguments
+(divisible by 16 or not), do not change with max_new_tokens or the prompt length.
 
 Decoder self-attention runs `ops.attention` (q_len 1) over the whole cache with the step's relative
 position bias row and a key-padding mask `key position <= decoder position`, both built on the device.
@@ -19,9 +27,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from tritonize.generation.loop import decode_loop
+from tritonize.generation.loop import DecodeGraphCache, decode_loop
 from tritonize.generation.settings import HF_ACTIVATIONS, check_generation_config, resolve_settings
 from tritonize.ops import attention, linear, rms_norm
+
+ENGINE_ATTRIBUTE = "_tritonize_t5"
+LENGTH_MULTIPLE = 64  # the encoder and decoder buffers grow in steps of this many positions
 
 
 def check_model(model: torch.nn.Module) -> None:
@@ -40,15 +51,18 @@ def check_model(model: torch.nn.Module) -> None:
                          f"supported: {sorted(HF_ACTIVATIONS)}")
 
 
-class T5Request:
-    """One generation request: encoder output turned into cross-attention K/V, and the decoder's caches.
+def _round_up(length: int) -> int:
+    return -(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
 
-    input_ids: int64 [batch, src_len]; attention_mask: [batch, src_len], nonzero = real token (None: all
-    real); max_new_tokens: decoder positions to hold after the decoder start token.
+
+class T5Engine:
+    """The encoder, and decoder steps on buffers kept across requests, of an HF T5ForConditionalGeneration.
+
+    Per request: `start(input_ids, attention_mask, max_new_tokens)`, then `step(tokens)` once per decoder
+    token (the decoder start token first).
     """
 
-    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 max_new_tokens: int):
+    def __init__(self, model: torch.nn.Module):
         check_model(model)
         config = model.config
         self.model = model
@@ -64,58 +78,98 @@ class T5Request:
         # (transformers 5 keeps that flag in scale_decoder_outputs and forces tie_word_embeddings to True)
         scaled = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
         self.output_scale = config.d_model**-0.5 if scaled else None
+        self.device = model.shared.weight.device
+        self.weight_addresses = self._weight_addresses()
+        self.cache_batch = self.source_len = self.cache_len = 0  # what the buffers hold
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # where the next token's K/V go
+        self.decode_graphs = DecodeGraphCache()  # the decode loops captured over this engine's buffers
 
-        device = model.shared.weight.device
+    def _weight_addresses(self) -> list[int]:
+        return [p.data_ptr() for p in self.model.parameters()]
+
+    def is_current(self) -> bool:
+        """False once any model parameter was replaced or moved (model.to(...), a new nn.Parameter): rebuild."""
+        return self._weight_addresses() == self.weight_addresses
+
+    def reserve(self, batch: int, source_len: int, max_new_tokens: int) -> None:
+        """Buffers for at least `batch` requests of `source_len` encoder tokens and `max_new_tokens` new tokens
+        (after the decoder start token); grows only. Growing reallocates every buffer a step reads, so the
+        captured decode graphs are dropped."""
+        wanted = (batch, _round_up(source_len), _round_up(max_new_tokens + 1))
+        held = (self.cache_batch, self.source_len, self.cache_len)
+        if all(w <= h for w, h in zip(wanted, held, strict=True)):
+            return
+        self.decode_graphs.clear()
+        self.cache_batch, self.source_len, self.cache_len = (max(w, h) for w, h in zip(wanted, held, strict=True))
+        decoder, device = self.model.decoder, self.device
+
+        def zeros(length: int) -> torch.Tensor:
+            return torch.zeros((self.cache_batch, self.heads, length, self.head_dim), dtype=self.dtype, device=device)
+
+        self.encoder_mask = torch.zeros((self.cache_batch, self.source_len), dtype=torch.bool, device=device)
+        self.cross_kv = [(zeros(self.source_len), zeros(self.source_len)) for _ in decoder.block]
+        self.self_kv = [(zeros(self.cache_len), zeros(self.cache_len)) for _ in decoder.block]
+        # the decoder's causal relative position bias by distance (query - key) in [0, cache_len): [heads, cache_len]
+        position_bias = decoder.block[0].layer[0].SelfAttention
+        buckets = position_bias._relative_position_bucket(
+            -torch.arange(self.cache_len, device=device), bidirectional=False,
+            num_buckets=position_bias.relative_attention_num_buckets,
+            max_distance=position_bias.relative_attention_max_distance)
+        self.bias_by_distance = position_bias.relative_attention_bias(buckets).T
+        self.key_positions = torch.arange(self.cache_len, device=device)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> None:
+        """Encodes a request into the buffers (grown if needed) and moves the decoder to position 0.
+
+        input_ids: int64 [batch, src_len]; attention_mask: [batch, src_len], nonzero = real token (None: all
+        real); max_new_tokens: decoder positions to hold after the decoder start token.
+        """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 [batch, seq_len], got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
-        if input_ids.device != device:
-            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-        self.encoder_mask = attention_mask.to(device=device, dtype=torch.bool)
+        batch, source_len = input_ids.shape
+        self.reserve(batch, source_len, max_new_tokens)
+        mask = attention_mask.to(device=self.device, dtype=torch.bool)
+        encoder_states = self.encode(input_ids, mask).to(self.dtype)
+        self.encoder_mask[:batch].zero_()  # positions past this request's source stay masked
+        self.encoder_mask[:batch, :source_len] = mask
+        for (k_buffer, v_buffer), block in zip(self.cross_kv, self.model.decoder.block, strict=True):
+            cross_attention = block.layer[1].EncDecAttention
+            for buffer, projection in ((k_buffer, cross_attention.k), (v_buffer, cross_attention.v)):
+                buffer[:batch, :, :source_len] = self._split_heads(linear(encoder_states, projection.weight))
+        self.position.zero_()
 
-        encoder_states = self.encode(input_ids).to(self.dtype)
-        self.cross_kv = [
-            tuple(self._split_heads(linear(encoder_states, projection.weight)).contiguous()
-                  for projection in (block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v))
-            for block in model.decoder.block
-        ]
-        batch, max_len = input_ids.shape[0], max_new_tokens + 1
-        cache_shape = (batch, self.heads, max_len, self.head_dim)
-        self.self_kv = [(torch.zeros(cache_shape, dtype=self.dtype, device=device),
-                         torch.zeros(cache_shape, dtype=self.dtype, device=device)) for _ in model.decoder.block]
-        # the decoder's causal relative position bias by distance (query - key) in [0, max_len): [heads, max_len]
-        position_bias = model.decoder.block[0].layer[0].SelfAttention
-        buckets = position_bias._relative_position_bucket(
-            -torch.arange(max_len, device=device), bidirectional=False,
-            num_buckets=position_bias.relative_attention_num_buckets,
-            max_distance=position_bias.relative_attention_max_distance)
-        self.bias_by_distance = position_bias.relative_attention_bias(buckets).T
-        self.key_positions = torch.arange(max_len, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # where the next token's K/V go
-
-    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The encoder's last hidden state [batch, src_len, d_model] (after its final norm)."""
+    def encode(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's last hidden state [batch, src_len, d_model] (after its final norm); mask: bool
+        [batch, src_len], True = real token."""
         encoder = self.model.encoder
         src_len = input_ids.shape[1]
         bias = encoder.block[0].layer[0].SelfAttention.compute_bias(src_len, src_len, input_ids.device)
         hidden = F.embedding(input_ids, encoder.embed_tokens.weight)
-        self_attention = functools.partial(self._encoder_self_attention, bias=bias)
+        self_attention = functools.partial(self._encoder_self_attention, mask=mask, bias=bias)
         return self._run_stack(encoder, hidden, (self_attention, self._feed_forward))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Appends tokens (int64 [batch]) at the decoder position; returns the next logits [batch, vocab]."""
+        """Appends tokens (int64 [batch]) at the decoder position; returns the next logits [batch, vocab].
+
+        Reads and writes rows [:batch] of the buffers, whose batch must be the request's (`start`).
+        """
         decoder = self.model.decoder
+        batch = tokens.shape[0]
         hidden = F.embedding(tokens[:, None], decoder.embed_tokens.weight)
-        seen_keys = (self.key_positions <= self.position).expand(tokens.shape[0], -1)
+        seen_keys = (self.key_positions <= self.position).expand(batch, -1)
         distances = (self.position - self.key_positions).clamp(min=0)  # keys past the position are masked
-        bias = self.bias_by_distance.index_select(1, distances)[None, :, None, :]  # [1, heads, 1, max_len]
+        bias = self.bias_by_distance.index_select(1, distances)[None, :, None, :]  # [1, heads, 1, cache_len]
         self_attention = functools.partial(self._decoder_self_attention, seen_keys=seen_keys, bias=bias)
-        hidden = self._run_stack(decoder, hidden, (self_attention, self._cross_attention, self._feed_forward))
+        cross_attention = functools.partial(self._cross_attention, encoder_mask=self.encoder_mask[:batch])
+        hidden = self._run_stack(decoder, hidden, (self_attention, cross_attention, self._feed_forward))
         self.position += 1
         hidden = hidden.to(self.dtype)
         if self.output_scale is not None:
@@ -143,26 +197,26 @@ class T5Request:
             return rms_norm(hidden, layer_norm.weight, self.eps, variant="t5"), hidden
         return rms_norm(update.to(hidden.dtype), layer_norm.weight, self.eps, residual=hidden, variant="t5")
 
-    def _encoder_self_attention(self, _, layer, x, *, bias):
+    def _encoder_self_attention(self, _, layer, x, *, mask, bias):
         module = layer.SelfAttention
         q, k, v = (self._split_heads(linear(x, p.weight)) for p in (module.q, module.k, module.v))
-        out = attention(q, k, v, scale=1.0, key_padding_mask=self.encoder_mask, bias=bias, seq_major=True)
+        out = attention(q, k, v, scale=1.0, key_padding_mask=mask, bias=bias, seq_major=True)
         return linear(self._merge_heads(out), module.o.weight)
 
     def _decoder_self_attention(self, index, layer, x, *, seen_keys, bias):
         module = layer.SelfAttention
         q, k, v = (self._split_heads(linear(x, p.weight)) for p in (module.q, module.k, module.v))
-        k_cache, v_cache = self.self_kv[index]
+        k_cache, v_cache = (cache[: x.shape[0]] for cache in self.self_kv[index])
         k_cache.index_copy_(2, self.position, k)
         v_cache.index_copy_(2, self.position, v)
         out = attention(q, k_cache, v_cache, scale=1.0, key_padding_mask=seen_keys, bias=bias, seq_major=True)
         return linear(self._merge_heads(out), module.o.weight)
 
-    def _cross_attention(self, index, layer, x):
+    def _cross_attention(self, index, layer, x, *, encoder_mask):
         module = layer.EncDecAttention
-        k, v = self.cross_kv[index]
+        k, v = (kv[: x.shape[0]] for kv in self.cross_kv[index])
         out = attention(self._split_heads(linear(x, module.q.weight)), k, v, scale=1.0,
-                        key_padding_mask=self.encoder_mask, seq_major=True)
+                        key_padding_mask=encoder_mask, seq_major=True)
         return linear(self._merge_heads(out), module.o.weight)
 
     def _feed_forward(self, _, layer, x):
@@ -178,6 +232,15 @@ class T5Request:
 
     def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:  # [batch, seq, heads, d] -> [batch, seq, heads * d]
         return x.reshape(x.shape[0], x.shape[1], self.heads * self.head_dim)
+
+
+def cached_engine(model: torch.nn.Module) -> T5Engine:
+    """The engine kept on the model, rebuilt (with no graphs) when a parameter was replaced or moved."""
+    engine = getattr(model, ENGINE_ATTRIBUTE, None)
+    if engine is None or not engine.is_current():
+        engine = T5Engine(model)
+        setattr(model, ENGINE_ATTRIBUTE, engine)
+    return engine
 
 
 def generate_t5(
@@ -209,12 +272,13 @@ def generate_t5(
     check_model(model)
     check_generation_config(model)
     settings = resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
-    with torch.inference_mode():
-        request = T5Request(model, input_ids, attention_mask, max_new_tokens)
+    with torch.no_grad():
+        engine = cached_engine(model)
+        engine.start(input_ids, attention_mask, max_new_tokens)
         start_token = model.generation_config.decoder_start_token_id
         start_token = model.config.decoder_start_token_id if start_token is None else start_token
         start = torch.full((input_ids.shape[0],), start_token, dtype=torch.long, device=input_ids.device)
-        new_tokens = decode_loop(request.step, request.step(start), max_new_tokens=max_new_tokens,
+        new_tokens = decode_loop(engine.step, engine.step(start), max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, do_sample=do_sample, generator=generator,
-                                 cuda_graph=cuda_graph, **settings)
+                                 cuda_graph=cuda_graph, graph_cache=engine.decode_graphs, **settings)
     return torch.cat([start[:, None], new_tokens], dim=1)
