@@ -202,6 +202,7 @@ def main() -> None:
         path = args.out / f"tp-generate-{name}-world{world_size}-{args.all_reduce}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
+    synchronize(device)  # every rank done with the symmetric-memory buffer before the group goes
     dist.destroy_process_group()
 
 

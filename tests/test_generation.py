@@ -128,6 +128,21 @@ def test_min_new_tokens_blocks_eos_like_hf():
     assert eos not in out[0, 4:7].tolist()
 
 
+def test_min_new_tokens_changes_keep_one_loop():
+    """min_new_tokens lives in the kept loop's device state: calls that differ only in it share one loop
+    (one CUDA graph on a GPU) and each still blocks eos exactly as long as HF."""
+    model = tiny("gpt2")
+    ids = torch.randint(3, VOCAB, (1, 4))
+    eos = int(hf_generate(model, ids, max_new_tokens=1, eos_token_id=None, pad_token_id=0)[0, -1])
+    for min_new_tokens in (3, 0, 4):
+        expected = hf_generate(model, ids, max_new_tokens=5, min_new_tokens=min_new_tokens, eos_token_id=eos,
+                               pad_token_id=0)
+        out = tritonize.generate(model, ids, max_new_tokens=5, min_new_tokens=min_new_tokens, eos_token_id=eos,
+                                 pad_token_id=0)
+        assert torch.equal(out, expected), min_new_tokens
+    assert len(model._tritonize_decoder.decode_graphs) == 1
+
+
 def test_engine_shares_weights_and_is_reused(reference_ops):
     model = tiny("llama")
     ids = torch.randint(3, VOCAB, (2, 4))

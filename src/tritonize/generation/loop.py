@@ -34,10 +34,12 @@ class _Iteration:
                  eos_token_ids: list[int] | None, pad_token_id: int | None, sampling: dict) -> None:
         batch, vocab = first_logits.shape
         device = first_logits.device
-        self.sampling, self.min_new_tokens = sampling, min_new_tokens
+        self.sampling = sampling
+        # a device value, not a constant of the captured graph: calls differing only in it share the graph
+        self.min_new_tokens = torch.tensor(min_new_tokens, device=device)
         self.eos = None if eos_token_ids is None else torch.tensor(eos_token_ids, device=device)
         self.eos_mask = None
-        if self.eos is not None and min_new_tokens > 0:
+        if self.eos is not None:
             self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.eos_mask[self.eos[self.eos < vocab]] = True  # an eos outside the vocabulary is never produced
         self.pad_token_id = pad_token_id
@@ -47,9 +49,10 @@ class _Iteration:
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         self.steps_with_unfinished = torch.zeros((), dtype=torch.long, device=device)  # HF's output length
 
-    def reset(self) -> None:
+    def reset(self, min_new_tokens: int) -> None:
         """Back to no token chosen, in place. tokens keeps the last call's values: each call reads back only
         the columns it wrote, and last_token is set by the first selection."""
+        self.min_new_tokens.fill_(min_new_tokens)
         self.index.zero_()
         self.unfinished.fill_(True)
         self.steps_with_unfinished.zero_()
@@ -194,7 +197,7 @@ def decode_loop(
     if graph_cache is not None:  # kept for later calls: room for nearby lengths too
         token_capacity = -(-max_new_tokens // TOKEN_CAPACITY_MULTIPLE) * TOKEN_CAPACITY_MULTIPLE
     # everything the captured work bakes in; a bound method step compares (and hashes) by its object
-    key = (step, graphed, batch, vocab, first_logits.dtype, first_logits.device, token_capacity, min_new_tokens,
+    key = (step, graphed, batch, vocab, first_logits.dtype, first_logits.device, token_capacity,
            None if eos_token_ids is None else tuple(eos_token_ids), pad_token_id, do_sample, temperature, top_k,
            top_p, generator)
     with torch.no_grad():
@@ -205,7 +208,7 @@ def decode_loop(
             if graph_cache is not None:
                 graph_cache.put(key, loop)
         else:
-            loop.iteration.reset()
+            loop.iteration.reset(min_new_tokens)
         iteration = loop.iteration
         iteration(first_logits)
 
