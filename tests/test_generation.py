@@ -16,7 +16,7 @@ import tritonize
 from tritonize import ops
 from tritonize.generation import DecoderEngine, decode_loop, filter_logits, select_tokens
 from tritonize.generation.api import ENGINE_ATTRIBUTE
-from tritonize.generation.loop import MAX_CACHED_LOOPS, DecodeGraphCache
+from tritonize.generation.loop import MAX_CACHED_LOOPS, MAX_CACHED_PROMPT_GRAPHS, DecodeGraphCache, bucket_length
 
 VOCAB = 97
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -192,6 +192,71 @@ def test_consecutive_calls_match_hf():
         assert torch.equal(out, expected)
         kept_loops.append(len(getattr(model, ENGINE_ATTRIBUTE).decode_graphs))
     assert kept_loops == [1, 1, 2, 1]
+
+
+def rows_padded_to(length: int) -> list[int]:
+    """Row lengths of a batch padded to `length`: the longest row, one a little shorter and one of a single token."""
+    return [length, max(1, length - 7), 1]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_prompt_padded_to_its_bucket_gives_the_unpadded_logits(family, monkeypatch):
+    """prefill_bucketed pads the prompts on the left to a multiple of 64 with masked positions, in buffers kept
+    per (batch, bucket): the first logits and the decode steps after them are those of the unpadded prefill,
+    for prompt lengths on both sides of a bucket edge, batched with padding. (Llama through the kernels,
+    whose attention skips the masked keys it scans for; the others through the op references, faster.)"""
+    if family != "llama":
+        monkeypatch.setattr(ops, "_runs_triton", lambda t: False)
+    model = tiny(family)
+    engine = DecoderEngine(model)
+    engine.reserve(3, 65 + 2, padding=bucket_length(65) - 65)  # room for every case: no growth, buckets kept
+    kept_buckets = []
+    for length in (1, 63, 64, 65):
+        ids, mask = left_padded(rows_padded_to(length), length)
+        new = torch.randint(3, VOCAB, (3, 2))
+        logits = {}
+        for bucketed in (False, True):
+            first = engine.prefill_bucketed(ids, mask) if bucketed else engine.prefill(ids, mask.bool())
+            logits[bucketed] = torch.stack([first.clone()] + [engine.step(new[:, i]) for i in range(2)])
+        assert relative_error(logits[True], logits[False]) < 1e-5, length
+        kept_buckets.append(len(engine.prefill_graphs))
+    assert kept_buckets == [1, 1, 1, 2]  # one bucket of 64 (lengths 1 to 64), then one of 128
+    with pytest.raises(ValueError, match="call reserve"):
+        engine.prefill_bucketed(*left_padded([200], 200))  # bucket 256 > the caches' 192
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_calls_within_and_across_prompt_buckets_match_hf(family):
+    """The prompt buffers serve call after call with HF's tokens. Call 2 has call 1's batch and bucket but
+    shorter prompts: the same buffers, whose positions call 1 filled must be masked again; call 3 crosses
+    into the next bucket and needs longer caches (grown: the kept buckets are dropped); call 4 is back in
+    the first bucket."""
+    model = tiny(family)
+    kept_buckets = []
+    for lengths, new in [([63, 40], 4), ([5, 1], 4), ([65, 64], 3), ([64, 1], 3)]:
+        ids, mask = left_padded(lengths, max(lengths))
+        expected = hf_generate(model, ids, mask, max_new_tokens=new, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(tritonize.generate(model, ids, mask, max_new_tokens=new, eos_token_id=[]), expected)
+        kept_buckets.append(len(getattr(model, ENGINE_ATTRIBUTE).prefill_graphs))
+    assert kept_buckets == [1, 1, 1, 2]
+
+
+def test_bucket_padding_does_not_count_against_learned_positions(reference_ops):
+    """GPT-2's 256 learned positions bound prompt + new tokens, not the bucket's padding in the cache."""
+    model = tiny("gpt2")
+    ids = torch.randint(3, VOCAB, (1, 250))  # bucket 256: 250 + 6 fits the positions, 256 + 6 would not
+    expected = hf_generate(model, ids, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(tritonize.generate(model, ids, max_new_tokens=6, eos_token_id=[]), expected)
+    with pytest.raises(ValueError, match="learned positions"):
+        tritonize.generate(model, ids, max_new_tokens=7, eos_token_id=[])
+
+
+def test_kept_prompt_buckets_are_bounded(reference_ops):
+    model = tiny("llama")
+    for batch in range(MAX_CACHED_PROMPT_GRAPHS + 2, 0, -1):  # the largest first: the caches never grow
+        tritonize.generate(model, torch.randint(3, VOCAB, (batch, 3)), max_new_tokens=1, eos_token_id=[])
+        engine = getattr(model, ENGINE_ATTRIBUTE)
+    assert len(engine.prefill_graphs) == MAX_CACHED_PROMPT_GRAPHS
 
 
 class Script:
@@ -408,9 +473,10 @@ def test_cuda_graph_loop():
 
 @pytest.mark.gpu
 def test_decode_graph_is_kept_across_calls(graph_captures):
-    """A call with the batch and settings of an earlier one replays its graph (no capture) and gives the eager
-    loop's tokens; so does one with another max_new_tokens of the same capacity; sampling with the same
-    generator re-seeded draws the same tokens from the kept graph."""
+    """A call with the batch and settings of an earlier one replays its graphs (no capture: the decode loop's,
+    and the prefill's of its prompt bucket) and gives the eager loop's tokens; so does one with another
+    max_new_tokens of the same capacity; sampling with the same generator re-seeded draws the same tokens
+    from the kept graph. Each new key captures two graphs: the prefill's and the loop's."""
     model = tiny("qwen3", device="cuda")
 
     def graphed_and_eager(lengths: list[int], new: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,7 +484,7 @@ def test_decode_graph_is_kept_across_calls(graph_captures):
         return tuple(tritonize.generate(model, ids, mask, max_new_tokens=new, eos_token_id=[], cuda_graph=graph)
                      for graph in (True, False))
 
-    for lengths, new, captures in [([9, 4, 7], 40, 1), ([5, 5, 2], 40, 1), ([12, 3, 8], 21, 1), ([6, 6], 30, 2)]:
+    for lengths, new, captures in [([9, 4, 7], 40, 2), ([5, 5, 2], 40, 2), ([12, 3, 8], 21, 2), ([6, 6], 30, 4)]:
         graphed, eager = graphed_and_eager(lengths, new)
         assert torch.equal(graphed, eager)
         assert len(graph_captures) == captures, (lengths, new)
@@ -436,6 +502,43 @@ def test_decode_graph_is_kept_across_calls(graph_captures):
     assert torch.equal(sample(7), first)
     assert not torch.equal(sample(8), first)
     assert len(graph_captures) == captures
+
+
+@pytest.mark.gpu
+def test_prefill_graph_is_kept_across_calls(graph_captures):
+    """A prompt of another length in the same bucket of 64 replays the bucket's kept prefill graph (no capture)
+    into the same output buffer, with the eager prefill's logits and caches (the decode steps after it
+    agree); the next bucket captures one more graph; growing the caches drops them."""
+    model = tiny("llama", device="cuda")
+    engine = DecoderEngine(model)
+    engine.reserve(3, 70 + 4, padding=bucket_length(70) - 70)
+    outputs = []
+    for lengths, captures in [([9, 4, 7], 1), ([60, 64, 1], 1), ([1, 1, 1], 1), ([65, 3, 70], 2)]:
+        ids, mask = (t.cuda() for t in left_padded(lengths, max(lengths)))
+        new = torch.randint(3, VOCAB, (3, 4), device="cuda")
+        logits = {}
+        for graph in (True, False):
+            first = engine.prefill_bucketed(ids, mask, cuda_graph=graph)
+            if graph:
+                outputs.append(first.data_ptr())
+            logits[graph] = torch.stack([first.clone()] + [engine.step(new[:, i]) for i in range(4)])
+        assert torch.equal(logits[True], logits[False]), lengths
+        assert len(graph_captures) == captures and len(engine.prefill_graphs) == captures, lengths
+    assert outputs[0] == outputs[1] == outputs[2] != outputs[3]  # a bucket's graph writes one output buffer
+    engine.reserve(4, 74)
+    assert len(engine.prefill_graphs) == 0
+
+
+@pytest.mark.gpu
+def test_prefill_graph_tokens_equal_eager_for_other_families():
+    """GPT-2 (learned positions) and Qwen2 (q/k/v biases) prefill from graphs too, around the bucket edges."""
+    for family in ("qwen2", "gpt2"):
+        model = tiny(family, device="cuda")
+        for lengths in ([63, 20], [64, 1], [65, 64], [1, 1]):
+            ids, mask = (t.cuda() for t in left_padded(lengths, max(lengths)))
+            graphed, eager = (tritonize.generate(model, ids, mask, max_new_tokens=12, eos_token_id=[],
+                                                 cuda_graph=graph) for graph in (True, False))
+            assert torch.equal(graphed, eager), (family, lengths)
 
 
 # -- tensor parallelism (2 ranks as threads of this process, over gloo) -------------------------------

@@ -184,6 +184,47 @@ def test_consecutive_calls_match_hf(reference_ops):
     assert kept_loops == [1, 1, 2, 1]
 
 
+def test_source_padded_to_its_bucket_gives_the_unpadded_logits(reference_ops):
+    """start_and_first_step pads the source on the right to a multiple of 64 with masked positions, in buffers
+    kept per (batch, bucket): its first logits and the decoder steps after them are those of `start` on the
+    unpadded source and the start token's step, for source lengths on both sides of a bucket edge, batched
+    with padding. (generate_t5 runs the same padded path through the kernels in the tests above.)"""
+    model = tiny_t5("gated-gelu")
+    engine = T5Engine(model)
+    engine.reserve(3, 65, 3)  # room for every case: no growth, buckets kept
+    kept_buckets = []
+    with torch.no_grad():
+        for length in (1, 63, 64, 65):
+            input_ids, mask = padded_batch([length, max(1, length - 7), 1])
+            tokens = torch.randint(2, 101, (3, 2))
+            logits = {}
+            for bucketed in (False, True):
+                if bucketed:
+                    first = engine.start_and_first_step(input_ids, mask, 3, start_token=0)
+                else:
+                    engine.start(input_ids, mask, 3)
+                    first = engine.step(torch.zeros(3, dtype=torch.long))
+                logits[bucketed] = torch.stack([first.clone()] + [engine.step(t) for t in tokens.unbind(1)])
+            assert_close(logits[True], logits[False], scale=10)
+            kept_buckets.append(len(engine.start_graphs))
+    assert kept_buckets == [1, 1, 1, 2]  # one bucket of 64 (lengths 1 to 64), then one of 128
+
+
+def test_calls_within_and_across_source_buckets_match_hf(reference_ops):
+    """The source buffers serve call after call with HF's tokens. Call 2 has call 1's batch and bucket but
+    shorter sources: the same buffers, whose positions call 1 filled must be masked again; call 3 crosses
+    into the next bucket, which grows the engine's buffers (the kept buckets are dropped); call 4 is back
+    in the first bucket."""
+    model = tiny_t5("relu")
+    kept_buckets = []
+    for lengths in ([63, 40], [5, 1], [65, 64], [64, 1]):
+        input_ids, mask = padded_batch(lengths)
+        expected = hf_generate(model, input_ids, mask, max_new_tokens=6)
+        assert torch.equal(generate_t5(model, input_ids, mask, max_new_tokens=6), expected)
+        kept_buckets.append(len(getattr(model, ENGINE_ATTRIBUTE).start_graphs))
+    assert kept_buckets == [1, 1, 1, 2]
+
+
 def test_engine_is_rebuilt_when_a_parameter_is_replaced(reference_ops):
     model = tiny_t5("relu")
     input_ids, mask = padded_batch([6, 4])
@@ -248,12 +289,34 @@ def test_t5_small_sizes_on_cuda(feed_forward_proj):
 
 @pytest.mark.gpu
 def test_decode_graph_is_kept_across_calls(graph_captures):
-    """Calls with the batch and settings of an earlier one replay its graph (no capture), whatever their
-    prompts, source lengths and max_new_tokens within the buffers and token capacity, with the eager loop's
-    tokens; a source longer than the buffers grows them and captures anew."""
+    """Calls with the batch and settings of an earlier one replay its graphs (no capture: the decode loop's and
+    the start graph of its source bucket), whatever their prompts, source lengths (within a bucket of 64) and
+    max_new_tokens within the buffers and token capacity, with the eager loop's tokens; a source longer than
+    the buffers grows them and captures both anew."""
     model = tiny_t5("gated-gelu", device="cuda")
-    for lengths, new, captures in [([9, 6, 7], 40, 1), ([12, 3, 5], 40, 1), ([9, 6, 7], 25, 1), ([70, 6, 7], 40, 2)]:
+    for lengths, new, captures in [([9, 6, 7], 40, 2), ([12, 3, 5], 40, 2), ([9, 6, 7], 25, 2), ([70, 6, 7], 40, 4)]:
         input_ids, mask = padded_batch(lengths, device="cuda")
         graphed = generate_t5(model, input_ids, mask, max_new_tokens=new)
         assert torch.equal(graphed, generate_t5(model, input_ids, mask, max_new_tokens=new, cuda_graph=False))
         assert len(graph_captures) == captures, (lengths, new)
+        assert len(getattr(model, ENGINE_ATTRIBUTE).start_graphs) == 1
+
+
+@pytest.mark.gpu
+def test_start_graph_is_kept_across_calls(graph_captures):
+    """A source of another length in the same bucket of 64 replays the bucket's kept start graph (encoder,
+    cross-attention K/V, the start token's step) without a capture, with the eager start's logits and the
+    same decoder steps after it; the next bucket captures one more."""
+    model = tiny_t5("relu", device="cuda")
+    engine = T5Engine(model)
+    engine.reserve(3, 70, 4)
+    for lengths, captures in [([9, 6, 7], 1), ([64, 1, 33], 1), ([1, 1, 1], 1), ([65, 3, 70], 2)]:
+        input_ids, mask = padded_batch(lengths, device="cuda")
+        tokens = torch.randint(2, 101, (3, 4), device="cuda")
+        logits = {}
+        with torch.no_grad():
+            for graph in (True, False):
+                first = engine.start_and_first_step(input_ids, mask, 4, start_token=0, cuda_graph=graph)
+                logits[graph] = torch.stack([first.clone()] + [engine.step(t) for t in tokens.unbind(1)])
+        assert torch.equal(logits[True], logits[False]), lengths
+        assert len(graph_captures) == captures and len(engine.start_graphs) == captures, lengths

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tritonize.generation.decoder import SUPPORTED_MODEL_TYPES, DecoderEngine
-from tritonize.generation.loop import decode_loop
+from tritonize.generation.loop import bucket_length, decode_loop
 from tritonize.generation.settings import check_generation_config, resolve_settings
 from tritonize.generation.t5 import generate_t5
 
@@ -52,13 +52,6 @@ def _same_generator_on_every_rank(engine: DecoderEngine, generator: torch.Genera
     generator.set_state(state.cpu())
 
 
-def _left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's real tokens (mask 1), in order, moved to the end of the row: left padding."""
-    real = attention_mask.bool()
-    order = torch.sort(real.int(), dim=1, stable=True).indices  # padding first, real tokens after, order kept
-    return input_ids.gather(1, order), real.gather(1, order)
-
-
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -84,9 +77,10 @@ def generate(
     Greedy by default; do_sample draws from temperature -> top-k -> top-p filtered logits as HF does.
     temperature, top_k, top_p, eos_token_id, pad_token_id: None takes model.generation_config's value,
     as HF does (for sampling, HF's defaults after that: temperature 1, top_k 50, top_p 1); eos_token_id=[]
-    generates without an eos (HF: an explicit eos_token_id=None). generator
-    seeds sampling. cuda_graph: replay each decode step from one CUDA graph (CUDA only), kept on the model's
-    engine for later calls with the same batch and settings.
+    generates without an eos (HF: an explicit eos_token_id=None). generator seeds sampling.
+    cuda_graph: run the prefill and each decode step from CUDA graphs (CUDA only), kept on the model's
+    engine for later calls: the prefill's per batch and prompt length rounded up to 64, the decode
+    loop's per batch and settings.
     T5 (T5ForConditionalGeneration) goes to `generation.t5.generate_t5`: [batch, 1 + n_new], the
     decoder start token first, as HF returns it.
     """
@@ -108,20 +102,20 @@ def generate(
     device = engine.device
     if input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model (its generation engine) is on {device}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape or attention_mask.device != device:
-        raise ValueError(f"attention_mask must match input_ids' shape {tuple(input_ids.shape)} and device {device}, "
-                         f"got {tuple(attention_mask.shape)} on {attention_mask.device}")
-    if not attention_mask.bool().any(dim=1).all():
-        raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape or attention_mask.device != device:
+            raise ValueError(f"attention_mask must match input_ids' shape {tuple(input_ids.shape)} and device "
+                             f"{device}, got {tuple(attention_mask.shape)} on {attention_mask.device}")
+        if not attention_mask.any(dim=1).all():
+            raise ValueError("every row of attention_mask needs at least one real token (a 1)")
     settings = resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
     if do_sample and engine.tp_size > 1:
         _same_generator_on_every_rank(engine, generator)
-    ids, mask = _left_aligned(input_ids, attention_mask)
+    batch, prompt_len = input_ids.shape
     with torch.no_grad():
-        engine.reserve(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        first_logits = engine.prefill(ids, mask)
+        engine.reserve(batch, prompt_len + max_new_tokens, padding=bucket_length(prompt_len) - prompt_len)
+        # the prompts left-aligned and padded to their bucket; from a kept CUDA graph on CUDA
+        first_logits = engine.prefill_bucketed(input_ids, attention_mask, cuda_graph=cuda_graph)
         new_tokens = decode_loop(engine.step, first_logits, max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, do_sample=do_sample, cuda_graph=cuda_graph,
                                  generator=generator, graph_cache=engine.decode_graphs, **settings)

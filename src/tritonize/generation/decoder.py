@@ -8,6 +8,12 @@ buffer that `step` advances itself, so a step has fixed shapes and no host sync 
 tensor a step reads or writes keeps its address until `reserve` grows the caches, so the decode loop's
 graphs are kept across calls in `decode_graphs` (emptied when the caches move).
 
+`prefill_bucketed` pads the prompts on the left up to the bucket length (prompt length rounded up to 64)
+with masked positions, in input buffers kept per (batch, bucket length) in `prefill_graphs`; on CUDA
+their prefill is one CUDA graph per bucket, kept like the decode graphs (same pool, same drops). The
+extra padding changes nothing for the real tokens: their positions come from the mask, and the padded
+keys are masked in prefill and lie before key_start in the decode steps.
+
 Prompts arrive left-aligned to the end (left padding): sequence b's real tokens fill positions
 key_start[b] .. prompt_len - 1 of the cache and take rotary / learned positions 0, 1, ... as HF's
 cumsum(attention_mask) - 1 gives them.
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 
 from tritonize import ops
 from tritonize.generation.collectives import RankCollectives
-from tritonize.generation.loop import DecodeGraphCache
+from tritonize.generation.loop import DecodeGraphCache, PromptGraphCache, bucket_length
 from tritonize.generation.settings import HF_ACTIVATIONS
 from tritonize.passes.sibling_linears import pack_parameters
 
@@ -39,6 +45,29 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 CACHE_LENGTH_MULTIPLE = 64  # caches grow in steps of this many positions
 # position-dependent rope variants whose cos/sin change with the sequence length: a fixed table can't hold them
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+def parameter_addresses(model: torch.nn.Module) -> list[int]:
+    """The data addresses of every parameter of `model` (a shared one once per place it is registered), in
+    module order: a replaced or moved parameter changes the list. A walk over the modules' own
+    dictionaries, several times quicker than `model.parameters()` (each generate call makes this check)."""
+    modules = [model]
+    for module in modules:  # grows as it goes: breadth first
+        if module is not None:
+            modules.extend(module._modules.values())
+    return [p.data_ptr() for module in modules if module is not None
+            for p in module._parameters.values() if p is not None]
+
+
+def left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real tokens (mask nonzero), in order, moved to the end of the row, its padding before them:
+    left padding. Scattered to places from cumulative sums: fixed shapes, no host sync (graph-capturable)."""
+    real = attention_mask.bool()
+    real_before = real.cumsum(1) - 1  # among the real tokens: this one's index (the last row entry: count - 1)
+    first_real = real.shape[1] - 1 - real_before[:, -1:]  # where the row's real tokens begin once aligned
+    destination = torch.where(real, first_real + real_before, (~real).cumsum(1) - 1)
+    aligned_ids = torch.empty_like(input_ids).scatter_(1, destination, input_ids)
+    return aligned_ids, torch.empty_like(real).scatter_(1, destination, real)
 
 
 @dataclass
@@ -116,8 +145,10 @@ class DecoderEngine:
         self.collectives = (RankCollectives(process_group, self.device, self.embed.dtype, all_reduce)
                             if tp_size > 1 else None)
         self.cache_batch = self.cache_len = 0
-        self.weight_addresses = self._weight_addresses()
+        self.weight_addresses = parameter_addresses(model)
         self.decode_graphs = DecodeGraphCache()  # the decode loops captured over this engine's buffers
+        # prefill_bucketed's input buffers and CUDA graphs, per (batch, bucket length)
+        self.prefill_graphs = PromptGraphCache(self._prefill_padded_anywhere, self.decode_graphs)
 
     # -- reading the HF weights -------------------------------------------------------------------
 
@@ -214,12 +245,9 @@ class DecoderEngine:
             ))
         return layers
 
-    def _weight_addresses(self) -> list[int]:
-        return [p.data_ptr() for p in self.model.parameters()]
-
     def is_current(self) -> bool:
         """False once any model parameter was replaced or moved (model.to(...), a new nn.Parameter): rebuild."""
-        return self._weight_addresses() == self.weight_addresses
+        return parameter_addresses(self.model) == self.weight_addresses
 
     def rebuilt(self) -> DecoderEngine:
         """A new engine over the model's current parameters, on this one's ranks, group and device."""
@@ -229,10 +257,13 @@ class DecoderEngine:
 
     # -- caches -------------------------------------------------------------------------------------
 
-    def reserve(self, batch: int, max_len: int) -> None:
-        """Caches for at least `batch` sequences of `max_len` positions (prompt + new tokens); grows only.
+    def reserve(self, batch: int, max_len: int, *, padding: int = 0) -> None:
+        """Caches for at least `batch` sequences of `max_len` positions (prompt + new tokens) after `padding`
+        positions of extra left padding (`prefill_bucketed`'s: bucket length - prompt length); grows only.
+        max_len is checked against the model's sliding window and learned positions; the padding holds no
+        token, so it is not.
 
-        Growing reallocates every buffer a step reads, so the captured decode graphs are dropped.
+        Growing reallocates every buffer a step reads, so the captured decode and prefill graphs are dropped.
         """
         window = getattr(self.config, "sliding_window", None)
         if window is not None and max_len > window:
@@ -241,11 +272,13 @@ class DecoderEngine:
         if self.gpt2 and max_len > self.position_embed.shape[0]:
             raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds GPT-2's {self.position_embed.shape[0]} "
                              "learned positions")
-        if batch <= self.cache_batch and max_len <= self.cache_len:
+        cache_len = padding + max_len
+        if batch <= self.cache_batch and cache_len <= self.cache_len:
             return
         self.decode_graphs.clear()
+        self.prefill_graphs.clear()
         self.cache_batch = max(batch, self.cache_batch)
-        self.cache_len = max(math.ceil(max_len / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE, self.cache_len)
+        self.cache_len = max(math.ceil(cache_len / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE, self.cache_len)
         shape = (self.cache_batch, self.local_kv_heads, self.cache_len, self.head_dim)
         weight = self.layers[0].qkv_weight
         self.k_caches = [weight.new_zeros(shape) for _ in self.layers]
@@ -319,6 +352,45 @@ class DecoderEngine:
         for index in range(len(self.layers)):
             h = self._layer(index, h, rotation, write_at, attend)
         return self._logits(h[:, -1])
+
+    def _prefill_padded_anywhere(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.prefill(*left_aligned(input_ids, attention_mask))
+
+    def prefill_bucketed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                         cuda_graph: bool = True) -> torch.Tensor:
+        """`prefill` of prompts [batch, prompt_len] padded anywhere (attention_mask nonzero = real token; None:
+        all real), in the input buffers of their bucket: prompt_len rounded up to 64, the extra positions
+        masked and on the left. Each row's real tokens are moved to its end on the device (left padding).
+        On CUDA with cuda_graph the bucket's CUDA graph replays (captured on its first use); otherwise the
+        prefill runs eagerly on the same buffers. Call `reserve(batch, prompt_len + max_new_tokens,
+        padding=bucket_length(prompt_len) - prompt_len)` first.
+
+        Returns the logits [batch, vocab] of each row's last real token; from a graph, its output buffer,
+        which the engine's next graph replay (prefill or decode step) may overwrite: clone it to keep it.
+        """
+        batch, prompt_len = input_ids.shape
+        padded_len = bucket_length(prompt_len)
+        if batch > self.cache_batch or padded_len > self.cache_len:
+            raise ValueError(f"prefill_bucketed: {batch} prompts padded to {padded_len} positions need caches of "
+                             f"at least that size, reserved {self.cache_batch} x {self.cache_len}: call "
+                             f"reserve(batch, prompt_len + max_new_tokens, padding={padded_len - prompt_len})")
+        padding = padded_len - prompt_len
+
+        def allocate_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.zeros((batch, padded_len), dtype=torch.long, device=self.device),
+                    torch.zeros((batch, padded_len), dtype=torch.bool, device=self.device))
+
+        def fill_inputs(ids: torch.Tensor, mask: torch.Tensor) -> None:
+            ids[:, :padding].zero_()
+            ids[:, padding:].copy_(input_ids)
+            mask[:, :padding].fill_(False)
+            if attention_mask is None:
+                mask[:, padding:].fill_(True)
+            else:
+                mask[:, padding:].copy_(attention_mask)  # nonzero -> True
+
+        graphed = cuda_graph and self.device.type == "cuda"
+        return self.prefill_graphs.run((batch, padded_len), allocate_inputs, fill_inputs, graphed)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Appends tokens int64 [batch] to each sequence and returns the next logits [batch, vocab].

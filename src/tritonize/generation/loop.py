@@ -10,6 +10,11 @@ An engine whose step reads and writes only tensors that keep their addresses acr
 `DecodeGraphCache`: the loop's device state and its captured graph are then kept, keyed by everything
 the capture bakes in, and a later call with the same key resets the state in place and replays the
 graph from its first step (no warm-up, no capture).
+
+The work before the loop (the decoder's prefill, T5's encoder) is kept the same way by a
+`PromptGraphCache`: static input buffers per (batch, prompt length rounded up to PROMPT_LENGTH_MULTIPLE),
+padded with masked positions, and on CUDA the CUDA graph of the engine's set-up over them, captured into
+the decode graphs' memory pool.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -25,6 +31,10 @@ from tritonize.generation.sampling import select_tokens
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (Triton compiles, allocator settles)
 TOKEN_CAPACITY_MULTIPLE = 64  # the tokens buffer holds max_new_tokens rounded up: nearby lengths share a graph
 MAX_CACHED_LOOPS = 8  # captured loops an engine keeps (least recently used dropped first)
+PROMPT_LENGTH_MULTIPLE = 64  # prompts are padded up to a multiple of this: nearby lengths share a prefill graph
+MAX_CACHED_PROMPT_GRAPHS = 8  # prompt buckets (buffers, graph) an engine keeps (least recently used dropped first)
+
+Output = TypeVar("Output")
 
 
 class _Iteration:
@@ -106,18 +116,25 @@ class _Loop:
 
 class DecodeGraphCache:
     """The decode loops of one engine, with their CUDA graphs, for reuse across calls (least recently used
-    dropped beyond MAX_CACHED_LOOPS). Every graph is captured into one memory pool: the graphs replay one at
-    a time on one stream and keep nothing in the pool between replays (their state lives in the loop's and
-    the engine's own buffers), so they can share their temporaries. The owner calls `clear` when the
+    dropped beyond MAX_CACHED_LOOPS). Every graph is captured into one memory pool, which the engine's
+    `PromptGraphCache` shares: the graphs replay one at a time on one stream and keep nothing in the pool
+    between replays (their state lives in the loop's and the engine's own buffers; a prompt graph's output
+    is read before the next replay), so they can share their temporaries. The owner calls `clear` when the
     buffers its step reads move (caches reallocated): the graphs would read the old memory.
     """
 
     def __init__(self) -> None:
         self._loops: OrderedDict[tuple, _Loop] = OrderedDict()
-        self.pool = None  # torch.cuda.graph_pool_handle(), made at the first capture
+        self._pool = None  # torch.cuda.graph_pool_handle(), made at the first capture
 
     def __len__(self) -> int:
         return len(self._loops)
+
+    def memory_pool(self) -> object:
+        """The engine's CUDA graph memory pool (made on first use), shared with its `PromptGraphCache`."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
     def clear(self) -> None:
         self._loops.clear()
@@ -134,22 +151,82 @@ class DecodeGraphCache:
             self._loops.popitem(last=False)
 
 
-def _warm_up_and_capture(advance: Callable[[], None], generator: torch.Generator | None,
-                         pool: object) -> Callable[[], None]:
-    """Runs WARMUP_STEPS real steps on a side stream, then captures one more (not run) into `pool` (None: a
-    private one) and returns its replay."""
+def warm_up_and_capture(run: Callable[[], Output], *, warmup_runs: int, pool: object,
+                        generator: torch.Generator | None = None) -> tuple[torch.cuda.CUDAGraph, Output]:
+    """Calls `run` warmup_runs times on a side stream (Triton compiles, NCCL communicators are set up, the
+    allocator settles), then captures one more call (not run) into `pool` (None: a private one). Returns the
+    graph and what the captured call returned: its output tensors, which every replay rewrites in place.
+    generator: a non-default generator the captured work draws from."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(WARMUP_STEPS):
-            advance()
+        for _ in range(warmup_runs):
+            run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     if generator is not None:  # the default generator registers itself; others must be told
         graph.register_generator_state(generator)
     with torch.cuda.graph(graph, pool=pool):
-        advance()
-    return graph.replay
+        output = run()
+    return graph, output
+
+
+@dataclass
+class _PromptBucket:
+    """A prompt bucket's static input buffers and, once captured, its graph and the graph's output."""
+
+    inputs: tuple[torch.Tensor, ...]
+    graph: torch.cuda.CUDAGraph | None = None
+    output: torch.Tensor | None = None
+
+
+class PromptGraphCache:
+    """An engine's set-up work before the decode loop (prefill, encoder), `forward(*inputs) -> logits`, run on
+    static input buffers kept per key (batch, padded length, ...), and on CUDA replayed from one CUDA graph
+    per key. At most MAX_CACHED_PROMPT_GRAPHS keys are kept (least recently used dropped first).
+
+    The graphs are captured into the decode graphs' memory pool: every graph of the engine replays on one
+    stream, one at a time, and the only thing a graph leaves in the pool for later is its output, which the
+    caller reads before the engine replays another graph (the output's memory may then be reused). The
+    owner calls `clear` whenever the buffers `forward` reads or writes move (caches reallocated).
+    """
+
+    def __init__(self, forward: Callable[..., torch.Tensor], decode_graphs: DecodeGraphCache) -> None:
+        self.forward, self._decode_graphs = forward, decode_graphs
+        self._buckets: OrderedDict[tuple, _PromptBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def clear(self) -> None:
+        self._buckets.clear()
+
+    def run(self, key: tuple, allocate_inputs: Callable[[], tuple[torch.Tensor, ...]],
+            fill_inputs: Callable[..., None], graphed: bool) -> torch.Tensor:
+        """fill_inputs(*inputs) on key's input buffers (made by allocate_inputs() on the key's first use),
+        then forward(*inputs): eagerly, or (graphed) by replaying the key's CUDA graph, captured on its first
+        graphed use after one eager warm-up run. A graph's output is its own buffer: valid until the engine
+        replays a graph again (this one or another, decode steps included); clone it to keep it."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _PromptBucket(allocate_inputs())
+            if len(self._buckets) > MAX_CACHED_PROMPT_GRAPHS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        fill_inputs(*bucket.inputs)
+        if not graphed:
+            return self.forward(*bucket.inputs)
+        if bucket.graph is None:
+            bucket.graph, bucket.output = warm_up_and_capture(
+                lambda: self.forward(*bucket.inputs), warmup_runs=1, pool=self._decode_graphs.memory_pool())
+        bucket.graph.replay()
+        return bucket.output
+
+
+def bucket_length(length: int) -> int:
+    """`length` rounded up to PROMPT_LENGTH_MULTIPLE: the padded length of a prompt's bucket."""
+    return -(-length // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
 
 
 def decode_loop(
@@ -217,9 +294,9 @@ def decode_loop(
 
         steps = 1
         if graphed and loop.replay is None and max_new_tokens > 1 + WARMUP_STEPS:
-            if graph_cache is not None and graph_cache.pool is None:
-                graph_cache.pool = torch.cuda.graph_pool_handle()
-            loop.replay = _warm_up_and_capture(advance, generator, None if graph_cache is None else graph_cache.pool)
+            pool = None if graph_cache is None else graph_cache.memory_pool()
+            graph, _ = warm_up_and_capture(advance, warmup_runs=WARMUP_STEPS, pool=pool, generator=generator)
+            loop.replay = graph.replay
             steps += WARMUP_STEPS
         if graphed and loop.replay is not None:
             advance = loop.replay

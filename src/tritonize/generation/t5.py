@@ -9,6 +9,10 @@ token's K/V at the position, attends, and advances the position in place: fixed 
 addresses, no host sync. So the decode loop's CUDA graphs are kept in `decode_graphs` and replayed by
 later calls. The engine shares the HF model's weights.
 
+`start_and_first_step` (what `generate_t5` runs) does `start` and the decoder start token's step on input
+buffers kept per (batch, source length rounded up to 64), the source padded on the right with masked
+positions; on CUDA as one CUDA graph per bucket (`start_graphs`), kept like the decode graphs.
+
 The buffers grow only, to the largest batch, encoder length and decoder length seen, both lengths
 rounded up to LENGTH_MULTIPLE: a step attends over the whole buffers (masked past the request's
 lengths), so its shapes, and with them Triton's specializations of the kernels' integer arguments
@@ -27,7 +31,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from tritonize.generation.loop import DecodeGraphCache, decode_loop
+from tritonize.generation.decoder import parameter_addresses
+from tritonize.generation.loop import DecodeGraphCache, PromptGraphCache, decode_loop
 from tritonize.generation.settings import HF_ACTIVATIONS, check_generation_config, resolve_settings
 from tritonize.ops import attention, linear, rms_norm
 
@@ -79,27 +84,27 @@ class T5Engine:
         scaled = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
         self.output_scale = config.d_model**-0.5 if scaled else None
         self.device = model.shared.weight.device
-        self.weight_addresses = self._weight_addresses()
+        self.weight_addresses = parameter_addresses(model)
         self.cache_batch = self.source_len = self.cache_len = 0  # what the buffers hold
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # where the next token's K/V go
         self.decode_graphs = DecodeGraphCache()  # the decode loops captured over this engine's buffers
-
-    def _weight_addresses(self) -> list[int]:
-        return [p.data_ptr() for p in self.model.parameters()]
+        # start_and_first_step's input buffers and CUDA graphs, per (batch, source bucket length)
+        self.start_graphs = PromptGraphCache(self._encode_and_step, self.decode_graphs)
 
     def is_current(self) -> bool:
         """False once any model parameter was replaced or moved (model.to(...), a new nn.Parameter): rebuild."""
-        return self._weight_addresses() == self.weight_addresses
+        return parameter_addresses(self.model) == self.weight_addresses
 
     def reserve(self, batch: int, source_len: int, max_new_tokens: int) -> None:
         """Buffers for at least `batch` requests of `source_len` encoder tokens and `max_new_tokens` new tokens
         (after the decoder start token); grows only. Growing reallocates every buffer a step reads, so the
-        captured decode graphs are dropped."""
+        captured decode and start graphs are dropped."""
         wanted = (batch, _round_up(source_len), _round_up(max_new_tokens + 1))
         held = (self.cache_batch, self.source_len, self.cache_len)
         if all(w <= h for w, h in zip(wanted, held, strict=True)):
             return
         self.decode_graphs.clear()
+        self.start_graphs.clear()
         self.cache_batch, self.source_len, self.cache_len = (max(w, h) for w, h in zip(wanted, held, strict=True))
         decoder, device = self.model.decoder, self.device
 
@@ -124,19 +129,59 @@ class T5Engine:
         input_ids: int64 [batch, src_len]; attention_mask: [batch, src_len], nonzero = real token (None: all
         real); max_new_tokens: decoder positions to hold after the decoder start token.
         """
+        self._check_request(input_ids, attention_mask)
+        batch, source_len = input_ids.shape
+        self.reserve(batch, source_len, max_new_tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._encode_request(input_ids, attention_mask.to(device=self.device, dtype=torch.bool))
+
+    def start_and_first_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                             max_new_tokens: int, start_token: int, *, cuda_graph: bool = True) -> torch.Tensor:
+        """`start`, then `step` of the decoder start token (start_token) for every row: returns the first
+        logits [batch, vocab]. Runs on the input buffers of the request's bucket: the source padded on the
+        right, with masked positions, to its length rounded up to 64. On CUDA with cuda_graph the bucket's
+        CUDA graph replays (captured on its first use); otherwise the same work runs eagerly on the buffers.
+        Logits from a graph are its output buffer, which the engine's next graph replay (this or a decode
+        step) may overwrite: clone them to keep them.
+        """
+        self._check_request(input_ids, attention_mask)
+        batch, source_len = input_ids.shape
+        self.reserve(batch, source_len, max_new_tokens)
+        padded_len = _round_up(source_len)
+
+        def allocate_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return (torch.zeros((batch, padded_len), dtype=torch.long, device=self.device),
+                    torch.zeros((batch, padded_len), dtype=torch.bool, device=self.device),
+                    torch.zeros(batch, dtype=torch.long, device=self.device))
+
+        def fill_inputs(ids: torch.Tensor, mask: torch.Tensor, start_tokens: torch.Tensor) -> None:
+            ids[:, :source_len].copy_(input_ids)
+            ids[:, source_len:].zero_()
+            if attention_mask is None:
+                mask[:, :source_len].fill_(True)
+            else:
+                mask[:, :source_len].copy_(attention_mask)  # nonzero -> True
+            mask[:, source_len:].fill_(False)
+            start_tokens.fill_(start_token)
+
+        graphed = cuda_graph and self.device.type == "cuda"
+        return self.start_graphs.run((batch, padded_len), allocate_inputs, fill_inputs, graphed)
+
+    def _check_request(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 [batch, seq_len], got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
         if input_ids.device != self.device:
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
+
+    def _encode_request(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """The device work of `start`: the encoder, the cross-attention K/V and the encoder mask into the
+        buffers, the decoder position to 0. mask: bool [batch, src_len], True = real token."""
         batch, source_len = input_ids.shape
-        self.reserve(batch, source_len, max_new_tokens)
-        mask = attention_mask.to(device=self.device, dtype=torch.bool)
         encoder_states = self.encode(input_ids, mask).to(self.dtype)
         self.encoder_mask[:batch].zero_()  # positions past this request's source stay masked
         self.encoder_mask[:batch, :source_len] = mask
@@ -145,6 +190,11 @@ class T5Engine:
             for buffer, projection in ((k_buffer, cross_attention.k), (v_buffer, cross_attention.v)):
                 buffer[:batch, :, :source_len] = self._split_heads(linear(encoder_states, projection.weight))
         self.position.zero_()
+
+    def _encode_and_step(self, input_ids: torch.Tensor, mask: torch.Tensor, start_tokens: torch.Tensor
+                         ) -> torch.Tensor:
+        self._encode_request(input_ids, mask)
+        return self.step(start_tokens)
 
     def encode(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The encoder's last hidden state [batch, src_len, d_model] (after its final norm); mask: bool
@@ -267,18 +317,18 @@ def generate_t5(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if attention_mask is not None and not attention_mask.bool().any(dim=1).all():
+    if attention_mask is not None and not attention_mask.any(dim=1).all():
         raise ValueError("every row of attention_mask needs at least one real token (a 1)")
     check_model(model)
     check_generation_config(model)
     settings = resolve_settings(model, eos_token_id, pad_token_id, temperature, top_k, top_p)
+    start_token = model.generation_config.decoder_start_token_id
+    start_token = model.config.decoder_start_token_id if start_token is None else start_token
     with torch.no_grad():
         engine = cached_engine(model)
-        engine.start(input_ids, attention_mask, max_new_tokens)
-        start_token = model.generation_config.decoder_start_token_id
-        start_token = model.config.decoder_start_token_id if start_token is None else start_token
-        start = torch.full((input_ids.shape[0],), start_token, dtype=torch.long, device=input_ids.device)
-        new_tokens = decode_loop(engine.step, engine.step(start), max_new_tokens=max_new_tokens,
+        first_logits = engine.start_and_first_step(input_ids, attention_mask, max_new_tokens, start_token,
+                                                   cuda_graph=cuda_graph)
+        new_tokens = decode_loop(engine.step, first_logits, max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, do_sample=do_sample, generator=generator,
                                  cuda_graph=cuda_graph, graph_cache=engine.decode_graphs, **settings)
-    return torch.cat([start[:, None], new_tokens], dim=1)
+    return F.pad(new_tokens, (1, 0), value=start_token)  # the decoder start token first, as HF returns it
