@@ -202,7 +202,8 @@ def main() -> None:
         path = args.out / f"tp-generate-{name}-world{world_size}-{args.all_reduce}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
-    synchronize(device)  # every rank done with the symmetric-memory buffer before the group goes
+    dist.barrier()
+    parallel.release(model)  # the kept CUDA graphs captured the group's collectives: they go first
     dist.destroy_process_group()
 
 

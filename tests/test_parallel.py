@@ -88,6 +88,7 @@ def test_two_processes_match_the_single_process_model(tmp_path):
             assert seen["rebuilt_tp_size"] == 2 and torch.equal(seen["rebuilt_tokens"], expected["tokens"])
         assert "tp_size 2 must divide the heads (3)" in results["odd_heads_error"]
         assert "the ranks hold different models" in results["different_models_error"]
+        assert results["released"]  # parallel.release dropped the engine before the group was destroyed
     assert torch.equal(ranks[0]["sampled"], ranks[1]["sampled"])  # rank 0's generator state was shared
 
 

@@ -50,6 +50,8 @@ def main(folder: Path) -> None:
     other = torch.load(folder / "llama.pt", weights_only=False)
     other.lm_head.weight.data[0, 0] += rank
     results["different_models_error"] = error_of(lambda: parallel.tensor_parallel(other))
+    parallel.release(model)
+    results["released"] = not hasattr(model, ENGINE_ATTRIBUTE)
     torch.save(results, folder / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 

@@ -8,6 +8,8 @@
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16).eval()  # on the CPU
     parallel.tensor_parallel(model)                     # this rank's shards go to cuda:LOCAL_RANK
     out = tritonize.generate(model, ids.cuda(), mask.cuda(), max_new_tokens=64)   # the same on every rank
+    parallel.release(model)                             # graphs and buffers go before the process group
+    torch.distributed.destroy_process_group()
 
 Every rank runs the same script on the same prompts; the engine (generation/decoder.py) splits the heads
 and the MLP columns and all-reduces after the attention output and the down projection of every block.
@@ -94,3 +96,17 @@ def tensor_parallel(model: torch.nn.Module, *, process_group=None, device: torch
                            process_group=process_group, device=device, all_reduce=all_reduce)
     setattr(model, ENGINE_ATTRIBUTE, engine)
     return model
+
+
+def release(model: torch.nn.Module) -> None:
+    """Drops the model's generation engine with its kept CUDA graphs (which captured this group's collectives)
+    and its symmetric-memory buffer. Call it on every rank before `torch.distributed.destroy_process_group()`:
+    a process group destroyed under live graphs holding its collectives can hang the exit."""
+    engine = getattr(model, ENGINE_ATTRIBUTE, None)
+    if engine is None:
+        return
+    engine.decode_graphs.clear()
+    engine.prefill_graphs.clear()
+    delattr(model, ENGINE_ATTRIBUTE)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
