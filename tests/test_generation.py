@@ -128,6 +128,18 @@ def test_min_new_tokens_blocks_eos_like_hf():
     assert eos not in out[0, 4:7].tolist()
 
 
+def test_calls_inside_then_outside_inference_mode():
+    """The engine's kept buffers made during a call under torch.inference_mode() are still writable by a
+    later call outside it (inference tensors would refuse the in-place writes)."""
+    model = tiny("llama")
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with torch.inference_mode():
+        inside = tritonize.generate(model, ids, max_new_tokens=3, eos_token_id=[])
+    outside = tritonize.generate(model, ids, max_new_tokens=3, eos_token_id=[])
+    assert torch.equal(inside, outside)
+    assert torch.equal(outside, hf_generate(model, ids, max_new_tokens=3, eos_token_id=None, pad_token_id=0))
+
+
 def test_min_new_tokens_changes_keep_one_loop():
     """min_new_tokens lives in the kept loop's device state: calls that differ only in it share one loop
     (one CUDA graph on a GPU) and each still blocks eos exactly as long as HF."""

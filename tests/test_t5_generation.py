@@ -162,6 +162,17 @@ def test_sampling_with_top_k_1_is_greedy(reference_ops):
     assert torch.equal(sampled, hf_generate(model, input_ids, mask, max_new_tokens=10))
 
 
+def test_calls_inside_then_outside_inference_mode(reference_ops):
+    """Buffers kept by a call under torch.inference_mode() stay writable for a later call outside it."""
+    model = tiny_t5("gated-gelu")
+    input_ids, mask = padded_batch([9, 6])
+    with torch.inference_mode():
+        inside = generate_t5(model, input_ids, mask, max_new_tokens=4)
+    outside = generate_t5(model, input_ids, mask, max_new_tokens=4)
+    assert torch.equal(inside, outside)
+    assert torch.equal(outside, hf_generate(model, input_ids, mask, max_new_tokens=4))
+
+
 def test_consecutive_calls_match_hf(reference_ops):
     """The engine kept on the model serves call after call: each call gives HF's tokens whatever ran before.
     Call 2 (other prompts and source length, same batch and settings) resets and reuses call 1's loop over

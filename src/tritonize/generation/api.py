@@ -52,6 +52,9 @@ def _same_generator_on_every_rank(engine: DecoderEngine, generator: torch.Genera
     generator.set_state(state.cpu())
 
 
+# the engine's caches, buffers and graphs outlive the call: made outside inference mode even when the caller
+# is in it, so a later call outside it may still write them (inference tensors refuse in-place writes there)
+@torch.inference_mode(False)
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,

@@ -293,6 +293,9 @@ def cached_engine(model: torch.nn.Module) -> T5Engine:
     return engine
 
 
+# the engine's caches, buffers and graphs outlive the call: made outside inference mode even when the caller
+# is in it, so a later call outside it may still write them (inference tensors refuse in-place writes there)
+@torch.inference_mode(False)
 def generate_t5(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
