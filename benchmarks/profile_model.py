@@ -24,18 +24,23 @@ from tritonize.bench.models import build_model
 STEPS = 20
 
 
-def kernel_times(fn, steps: int = STEPS) -> dict[str, float]:
-    """Microseconds of GPU time per call, per kernel name, over `steps` calls."""
+def kernel_times(fn, steps: int = STEPS, device: torch.device | None = None) -> dict[str, float]:
+    """Microseconds of GPU time per call, per kernel name, over `steps` calls (device None: CUDA; a CPU
+    device: time per op)."""
+    on_gpu = device is None or device.type == "cuda"
+    activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU
+    kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    synchronize()
+    with profile(activities=[activity]) as prof:
         for _ in range(steps):
             fn()
-        torch.cuda.synchronize()
+        synchronize()
     totals: dict[str, float] = defaultdict(float)
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name[:90]] += event.device_time / steps
+        if event.device_type == kind:
+            totals[event.name[:90]] += (event.device_time if on_gpu else event.self_cpu_time_total) / steps
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 

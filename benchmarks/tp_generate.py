@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 import transformers
 import triton
+from profile_model import kernel_times
 
 import tritonize
 from tritonize import parallel
-from tritonize.bench.generation import LLAMA_1_7GB
+from tritonize.bench.generation import LLAMA_1_7GB, SHORT_RUN
 from tritonize.generation.api import ENGINE_ATTRIBUTE
 from tritonize.generation.collectives import ALL_REDUCE_METHODS
 
@@ -72,9 +73,6 @@ def seconds(call, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-SHORT_RUN = 32  # new tokens of the run whose time is subtracted from the full run's (as bench-generate)
-
-
 def measure(model, device, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     vocab = model.config.vocab_size
     ids = torch.randint(vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
@@ -113,31 +111,20 @@ def sum_error(engine, device) -> float | None:
 
 def profile_step(model, device, batch: int, prompt_len: int) -> dict[str, float]:
     """GPU microseconds per kernel name of one eager decode step (this rank), after a prefill (CPU: ops' times)."""
-    from torch.profiler import ProfilerActivity, profile
-
     engine = getattr(model, ENGINE_ATTRIBUTE)
-    ids = torch.randint(model.config.vocab_size, (batch, prompt_len), device=device)
+    ids = torch.randint(model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)  # the same prompts on every rank
     engine.reserve(batch, prompt_len + 8)
     with torch.no_grad():
         engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
         tokens, seqlens = ids[:, -1].clone(), engine.cache_seqlens.clone()
-        steps = 10
-        activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-        kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
-        for _ in range(2):
-            engine.cache_seqlens.copy_(seqlens)
+
+        def step() -> None:
+            engine.cache_seqlens.copy_(seqlens)  # stay at one position: every call does the same work
             engine.step(tokens)
-        synchronize(device)
-        with profile(activities=[activity]) as prof:
-            for _ in range(steps):
-                engine.cache_seqlens.copy_(seqlens)
-                engine.step(tokens)
-            synchronize(device)
-    totals: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == kind:
-            totals[event.name[:90]] = totals.get(event.name[:90], 0.0) + event.device_time / steps
-    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+        step()
+        return kernel_times(step, steps=10, device=device)
 
 
 def main() -> None:

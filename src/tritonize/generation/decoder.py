@@ -29,7 +29,6 @@ copies of its slices, so a model kept on the CPU costs each GPU only its own sha
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 from tritonize import ops
 from tritonize.generation.collectives import RankCollectives
-from tritonize.generation.loop import DecodeGraphCache, PromptGraphCache, bucket_length
+from tritonize.generation.loop import DecodeGraphCache, PromptGraphCache, bucket_length, round_up
 from tritonize.generation.settings import HF_ACTIVATIONS
 from tritonize.passes.sibling_linears import pack_parameters
 
@@ -278,7 +277,7 @@ class DecoderEngine:
         self.decode_graphs.clear()
         self.prefill_graphs.clear()
         self.cache_batch = max(batch, self.cache_batch)
-        self.cache_len = max(math.ceil(cache_len / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE, self.cache_len)
+        self.cache_len = max(round_up(cache_len, CACHE_LENGTH_MULTIPLE), self.cache_len)
         shape = (self.cache_batch, self.local_kv_heads, self.cache_len, self.head_dim)
         weight = self.layers[0].qkv_weight
         self.k_caches = [weight.new_zeros(shape) for _ in self.layers]

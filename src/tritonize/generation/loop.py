@@ -35,6 +35,33 @@ PROMPT_LENGTH_MULTIPLE = 64  # prompts are padded up to a multiple of this: near
 MAX_CACHED_PROMPT_GRAPHS = 8  # prompt buckets (buffers, graph) an engine keeps (least recently used dropped first)
 
 Output = TypeVar("Output")
+Value = TypeVar("Value")
+
+
+def round_up(length: int, multiple: int) -> int:
+    """length rounded up to a multiple of `multiple` (the lengths of every kept buffer and bucket)."""
+    return -(-length // multiple) * multiple
+
+
+class _RecentlyUsed(OrderedDict[tuple, Value]):
+    """A dict keeping its `limit` most recently used entries (the least recently used dropped first)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def use(self, key: tuple) -> Value | None:
+        """The entry of key, now the most recently used; None if there is none."""
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def add(self, key: tuple, value: Value) -> Value:
+        self[key] = value
+        if len(self) > self.limit:
+            self.popitem(last=False)
+        return value
 
 
 class _Iteration:
@@ -124,7 +151,7 @@ class DecodeGraphCache:
     """
 
     def __init__(self) -> None:
-        self._loops: OrderedDict[tuple, _Loop] = OrderedDict()
+        self._loops: _RecentlyUsed[_Loop] = _RecentlyUsed(MAX_CACHED_LOOPS)
         self._pool = None  # torch.cuda.graph_pool_handle(), made at the first capture
 
     def __len__(self) -> int:
@@ -140,15 +167,10 @@ class DecodeGraphCache:
         self._loops.clear()
 
     def get(self, key: tuple) -> _Loop | None:
-        loop = self._loops.get(key)
-        if loop is not None:
-            self._loops.move_to_end(key)
-        return loop
+        return self._loops.use(key)
 
     def put(self, key: tuple, loop: _Loop) -> None:
-        self._loops[key] = loop
-        if len(self._loops) > MAX_CACHED_LOOPS:
-            self._loops.popitem(last=False)
+        self._loops.add(key, loop)
 
 
 def warm_up_and_capture(run: Callable[[], Output], *, warmup_runs: int, pool: object,
@@ -193,7 +215,7 @@ class PromptGraphCache:
 
     def __init__(self, forward: Callable[..., torch.Tensor], decode_graphs: DecodeGraphCache) -> None:
         self.forward, self._decode_graphs = forward, decode_graphs
-        self._buckets: OrderedDict[tuple, _PromptBucket] = OrderedDict()
+        self._buckets: _RecentlyUsed[_PromptBucket] = _RecentlyUsed(MAX_CACHED_PROMPT_GRAPHS)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -207,13 +229,9 @@ class PromptGraphCache:
         then forward(*inputs): eagerly, or (graphed) by replaying the key's CUDA graph, captured on its first
         graphed use after one eager warm-up run. A graph's output is its own buffer: valid until the engine
         replays a graph again (this one or another, decode steps included); clone it to keep it."""
-        bucket = self._buckets.get(key)
+        bucket = self._buckets.use(key)
         if bucket is None:
-            bucket = self._buckets[key] = _PromptBucket(allocate_inputs())
-            if len(self._buckets) > MAX_CACHED_PROMPT_GRAPHS:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
+            bucket = self._buckets.add(key, _PromptBucket(allocate_inputs()))
         fill_inputs(*bucket.inputs)
         if not graphed:
             return self.forward(*bucket.inputs)
@@ -226,7 +244,7 @@ class PromptGraphCache:
 
 def bucket_length(length: int) -> int:
     """`length` rounded up to PROMPT_LENGTH_MULTIPLE: the padded length of a prompt's bucket."""
-    return -(-length // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
+    return round_up(length, PROMPT_LENGTH_MULTIPLE)
 
 
 def decode_loop(
@@ -272,7 +290,7 @@ def decode_loop(
     batch, vocab = first_logits.shape
     token_capacity = max_new_tokens
     if graph_cache is not None:  # kept for later calls: room for nearby lengths too
-        token_capacity = -(-max_new_tokens // TOKEN_CAPACITY_MULTIPLE) * TOKEN_CAPACITY_MULTIPLE
+        token_capacity = round_up(max_new_tokens, TOKEN_CAPACITY_MULTIPLE)
     # everything the captured work bakes in; a bound method step compares (and hashes) by its object
     key = (step, graphed, batch, vocab, first_logits.dtype, first_logits.device, token_capacity,
            None if eos_token_ids is None else tuple(eos_token_ids), pad_token_id, do_sample, temperature, top_k,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tritonize.generation.decoder import parameter_addresses
-from tritonize.generation.loop import DecodeGraphCache, PromptGraphCache, decode_loop
+from tritonize.generation.loop import DecodeGraphCache, PromptGraphCache, decode_loop, round_up
 from tritonize.generation.settings import HF_ACTIVATIONS, check_generation_config, resolve_settings
 from tritonize.ops import attention, linear, rms_norm
 
@@ -54,10 +54,6 @@ def check_model(model: torch.nn.Module) -> None:
     if config.dense_act_fn not in HF_ACTIVATIONS:
         raise ValueError(f"unsupported T5 feed-forward activation {config.dense_act_fn!r}; "
                          f"supported: {sorted(HF_ACTIVATIONS)}")
-
-
-def _round_up(length: int) -> int:
-    return -(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
 
 
 class T5Engine:
@@ -99,7 +95,7 @@ class T5Engine:
         """Buffers for at least `batch` requests of `source_len` encoder tokens and `max_new_tokens` new tokens
         (after the decoder start token); grows only. Growing reallocates every buffer a step reads, so the
         captured decode and start graphs are dropped."""
-        wanted = (batch, _round_up(source_len), _round_up(max_new_tokens + 1))
+        wanted = (batch, round_up(source_len, LENGTH_MULTIPLE), round_up(max_new_tokens + 1, LENGTH_MULTIPLE))
         held = (self.cache_batch, self.source_len, self.cache_len)
         if all(w <= h for w, h in zip(wanted, held, strict=True)):
             return
@@ -148,7 +144,7 @@ class T5Engine:
         self._check_request(input_ids, attention_mask)
         batch, source_len = input_ids.shape
         self.reserve(batch, source_len, max_new_tokens)
-        padded_len = _round_up(source_len)
+        padded_len = round_up(source_len, LENGTH_MULTIPLE)
 
         def allocate_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return (torch.zeros((batch, padded_len), dtype=torch.long, device=self.device),
