@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from tritonize import tuning
-from tritonize.kernels import reference
+from tritonize.kernels import gemv, reference
 from tritonize.kernels.attention import flash_attention_fwd
 from tritonize.kernels.common import INTERPRETED
 from tritonize.kernels.decode_attention import decode_attention_fwd
@@ -27,7 +27,7 @@ from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
 from tritonize.kernels.rotary import rotary_cache_write_fwd, rotary_fwd
 
 __all__ = ["attention", "linear", "layer_norm", "rms_norm", "rotary", "rotary_cache_write", "gated_mlp",
-           "concat_gate_up", "decode_attention", "SUPPORTED_DTYPES"]
+           "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "decode_attention", "SUPPORTED_DTYPES"]
 
 logger = logging.getLogger("tritonize")
 
@@ -182,7 +182,9 @@ def _linear_op(
     out_shape = (*x.shape[:-1], weight.shape[0])
     x2d = x.reshape(-1, x.shape[-1])
     res2d = None if residual is None else residual.reshape(-1, weight.shape[0])
-    if _runs_triton(x):
+    if _runs_triton(x) and gemv.supports(x2d, weight):  # decode sizes: a weight stream on CUDA cores
+        out = gemv.gemv_fwd(x2d, weight, bias, act, res2d)
+    elif _runs_triton(x):
         out = linear_fwd(x2d, weight, bias, act, res2d, config=_tuned_linear_config(x2d, weight, bias, act, res2d))
     else:
         out = reference.linear(x2d, weight, bias, act, res2d)
@@ -235,6 +237,11 @@ def linear(
     [out_features]; residual: [..., out_features]; activation: None, "relu", "gelu" (erf),
     "gelu_tanh", "silu" or "tanh".
     """
+    _check_linear_args(x, weight, bias, activation, residual)
+    return _linear_op(x, weight, bias, activation or "none", residual)
+
+
+def _check_linear_args(x, weight, bias, activation, residual) -> None:
     _check_tensor("x", x, ndim=range(1, 9))
     _check_float("x", x)
     _check_tensor("weight", weight, ndim=2)
@@ -258,7 +265,6 @@ def linear(
             raise ValueError(f"residual must have the output's shape {expected}, got {tuple(residual.shape)}")
     if activation is not None and activation not in reference.ACTIVATIONS:
         raise ValueError(f"activation must be one of {reference.ACTIVATIONS} or None, got {activation!r}")
-    return _linear_op(x, weight, bias, activation or "none", residual)
 
 
 # -- norms ----------------------------------------------------------------------------------------
@@ -547,8 +553,11 @@ def _gated_mlp_op(
 ) -> torch.Tensor:
     intermediate = gate_up_weight.shape[0] // 2
     x2d = x.reshape(-1, x.shape[-1])
-    fn = gated_mlp_fwd if _runs_triton(x) else reference.gated_mlp
-    return fn(x2d, gate_up_weight, bias, activation).reshape(*x.shape[:-1], intermediate)
+    if _runs_triton(x) and gemv.supports(x2d, gate_up_weight):
+        out = gemv.gemv_fwd(x2d, gate_up_weight, bias, activation, None, gated=True)
+    else:
+        out = (gated_mlp_fwd if _runs_triton(x) else reference.gated_mlp)(x2d, gate_up_weight, bias, activation)
+    return out.reshape(*x.shape[:-1], intermediate)
 
 
 @_gated_mlp_op.register_fake
@@ -584,6 +593,11 @@ def gated_mlp(
     projection's rows first (concat_gate_up builds it); bias: [2 * intermediate] = cat([b_gate, b_up]).
     activation: "silu" (SwiGLU), "gelu" (GeGLU, erf) or "gelu_tanh". Returns [..., intermediate] in x's dtype.
     """
+    _check_gated_mlp_args(x, gate_up_weight, bias, activation)
+    return _gated_mlp_op(x, gate_up_weight, bias, activation)
+
+
+def _check_gated_mlp_args(x, gate_up_weight, bias, activation) -> None:
     _check_tensor("x", x, ndim=range(1, 9))
     _check_float("x", x)
     _check_tensor("gate_up_weight", gate_up_weight, ndim=2)
@@ -605,7 +619,70 @@ def gated_mlp(
             raise ValueError(f"bias must have shape ({rows},) = (2 * intermediate,), got {tuple(bias.shape)}")
     if activation not in reference.GATED_ACTIVATIONS:
         raise ValueError(f"activation must be one of {reference.GATED_ACTIVATIONS}, got {activation!r}")
-    return _gated_mlp_op(x, gate_up_weight, bias, activation)
+
+
+# -- RMSNorm fused into the next projection -----------------------------------------------------------
+
+
+@torch.library.custom_op("tritonize::rms_norm_linear", mutates_args=())
+def _rms_norm_linear_op(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    if _runs_triton(x) and gemv.supports(x2d, weight):  # one kernel: the norm in the weight stream's prologue
+        out = gemv.gemv_fwd(x2d, weight, bias, None, None, rms_norm_weight=norm_weight, rms_norm_eps=eps)
+    else:
+        out = _linear_op(_rms_norm_op(x2d, norm_weight, eps, "llama"), weight, bias, "none", None)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_rms_norm_linear_op.register_fake
+def _(x, norm_weight, eps, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("tritonize::rms_norm_gated_mlp", mutates_args=())
+def _rms_norm_gated_mlp_op(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
+    bias: torch.Tensor | None, activation: str,
+) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    if _runs_triton(x) and gemv.supports(x2d, gate_up_weight):
+        out = gemv.gemv_fwd(x2d, gate_up_weight, bias, activation, None, gated=True, rms_norm_weight=norm_weight,
+                            rms_norm_eps=eps)
+    else:
+        out = _gated_mlp_op(_rms_norm_op(x2d, norm_weight, eps, "llama"), gate_up_weight, bias, activation)
+    return out.reshape(*x.shape[:-1], gate_up_weight.shape[0] // 2)
+
+
+@_rms_norm_gated_mlp_op.register_fake
+def _(x, norm_weight, eps, gate_up_weight, bias, activation):
+    return x.new_empty((*x.shape[:-1], gate_up_weight.shape[0] // 2))
+
+
+def rms_norm_linear(
+    x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """linear(rms_norm(x, norm_weight, eps), weight, bias): a pre-norm projection (Llama's q/k/v, lm_head).
+
+    RMSNorm with the "llama" variant's numerics. At decode sizes (a few rows) one kernel, the norm computed in
+    the projection's prologue; otherwise the two kernels of `rms_norm` and `linear`, with the same result.
+    """
+    _check_norm_args(x, None, eps, norm_weight=norm_weight)
+    _check_linear_args(x, weight, bias, None, None)
+    return _rms_norm_linear_op(x, norm_weight, float(eps), weight, bias)
+
+
+def rms_norm_gated_mlp(
+    x: torch.Tensor, norm_weight: torch.Tensor, gate_up_weight: torch.Tensor, *, eps: float = 1e-6,
+    activation: str = "silu", bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """gated_mlp(rms_norm(x, norm_weight, eps), gate_up_weight, activation=, bias=): Llama's pre-norm MLP
+    input half, one kernel at decode sizes (see rms_norm_linear)."""
+    _check_norm_args(x, None, eps, norm_weight=norm_weight)
+    _check_gated_mlp_args(x, gate_up_weight, bias, activation)
+    return _rms_norm_gated_mlp_op(x, norm_weight, float(eps), gate_up_weight, bias, activation)
 
 
 # -- decode attention -----------------------------------------------------------------------------

@@ -81,6 +81,20 @@ class Norm:
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """linear(self(x), weight, bias); an RMSNorm fused into the projection (one kernel at decode sizes)."""
+        if self.rms:
+            return ops.rms_norm_linear(x, self.weight, weight, bias, eps=self.eps)
+        return ops.linear(self(x), weight, bias)
+
+    def gated_mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, bias: torch.Tensor | None,
+                  activation: str) -> torch.Tensor:
+        """gated_mlp(self(x), ...), fused like `linear`."""
+        if self.rms:
+            return ops.rms_norm_gated_mlp(x, self.weight, gate_up_weight, eps=self.eps, activation=activation,
+                                          bias=bias)
+        return ops.gated_mlp(self(x), gate_up_weight, activation=activation, bias=bias)
+
 
 @dataclass
 class Layer:
@@ -306,7 +320,7 @@ class DecoderEngine:
         layer = self.layers[index]
         batch, seq, _ = h.shape
         rank0 = self.tp_rank == 0
-        qkv = ops.linear(layer.attn_norm(h), layer.qkv_weight, layer.qkv_bias)
+        qkv = layer.attn_norm.linear(h, layer.qkv_weight, layer.qkv_bias)
         qkv = qkv.view(batch, seq, self.local_heads + 2 * self.local_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=2)
         if layer.q_norm is not None:
@@ -316,11 +330,10 @@ class DecoderEngine:
         q = ops.rotary_cache_write(q, k, v, cos, sin, self.k_caches[index], self.v_caches[index], write_at)
         out = attend(index, q).reshape(batch, seq, self.local_heads * self.head_dim)
         h = self._sum_ranks(ops.linear(out, layer.o_weight, layer.o_bias, residual=h if rank0 else None))
-        x = layer.mlp_norm(h)
         if layer.gated:
-            x = ops.gated_mlp(x, layer.up_weight, activation=self.activation, bias=layer.up_bias)
+            x = layer.mlp_norm.gated_mlp(h, layer.up_weight, layer.up_bias, self.activation)
         else:
-            x = ops.linear(x, layer.up_weight, layer.up_bias, activation=self.activation)
+            x = ops.linear(layer.mlp_norm(h), layer.up_weight, layer.up_bias, activation=self.activation)
         return self._sum_ranks(ops.linear(x, layer.down_weight, layer.down_bias, residual=h if rank0 else None))
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -328,7 +341,7 @@ class DecoderEngine:
         return h + F.embedding(positions, self.position_embed) if self.gpt2 else h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = ops.linear(self.final_norm(h), self.lm_head)
+        logits = self.final_norm.linear(h, self.lm_head, None)
         return self.collectives.gather_last_dim(logits) if self.vocab_parallel else logits
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Must never import torch.fx, Dynamo or transformers.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -43,3 +45,28 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+# -- programmatic dependent launch (PDL, Hopper and newer) --------------------------------------------
+# A kernel launched with `launch_pdl=True` may start while the kernel before it in the stream still runs,
+# as soon as every program of that one has called `allow_next_kernel` (or exited): it can load what the
+# previous kernel does not write (weights) and must call `wait_for_previous_kernel` before touching
+# anything else, which returns once the previous kernel has finished and its writes are visible. Kernels
+# take a `PDL: tl.constexpr` flag, `pdl_supported(device)`, since the instructions exist from sm_90 on.
+
+
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    return (not INTERPRETED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def allow_next_kernel(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()

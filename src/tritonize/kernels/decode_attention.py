@@ -16,7 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels.common import INTERPRETED, cast, dot, dot_precision
+from tritonize.kernels.common import (
+    INTERPRETED,
+    allow_next_kernel,
+    cast,
+    dot,
+    dot_precision,
+    pdl_supported,
+    wait_for_previous_kernel,
+)
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
@@ -84,7 +92,7 @@ def _decode_attention_kernel(
     out_batch_stride, out_head_stride, out_seq_stride,
     kv_heads, group, q_len, max_len, num_splits, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KEY_START: tl.constexpr, DIRECT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_KEY_START: tl.constexpr, DIRECT: tl.constexpr, INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Attention of BLOCK_M stacked (head, query) rows of one kv head group over one split of the keys.
 
@@ -94,7 +102,10 @@ def _decode_attention_kernel(
     DIRECT (one split): writes Out_ptr [batch, heads, q_len, HEAD_DIM] (last dim contiguous). Otherwise
     writes fp32 PartOut_ptr [batch * heads * q_len, num_splits, HEAD_DIM] and PartLse_ptr
     [batch * heads * q_len, num_splits] (log2 domain, -inf where the row saw no key).
+    PDL: a programmatic dependent launch (common.py), waiting for the previous kernel before any access.
     """
+    wait_for_previous_kernel(PDL)
+    allow_next_kernel(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     group_rows = group * q_len
@@ -155,9 +166,11 @@ def _merge_splits_kernel(
     PartOut_ptr, PartLse_ptr, Out_ptr,
     out_batch_stride, out_head_stride, out_seq_stride,
     heads, q_len, n_rows, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):
     """Out = sum_s 2^lse_s PartOut_s / sum_s 2^lse_s for BLOCK_R rows, the splits in order (deterministic)."""
+    wait_for_previous_kernel(PDL)
+    allow_next_kernel(PDL)
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < n_rows
     offs_d = tl.arange(0, BLOCK_D)
@@ -242,6 +255,7 @@ def decode_attention_fwd(
         part_out = torch.empty((batch * heads * q_len, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch * heads * q_len, num_splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    pdl = pdl_supported(q.device)
 
     _decode_attention_kernel[(programs, num_splits)](
         q, k_cache, v_cache, cache_seqlens, cache_seqlens if key_start is None else key_start,
@@ -249,14 +263,14 @@ def decode_attention_fwd(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride()[:3],
         kv_heads, group, q_len, max_len, num_splits, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        HAS_KEY_START=key_start is not None, DIRECT=direct, INPUT_PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_KEY_START=key_start is not None, DIRECT=direct, INPUT_PRECISION=dot_precision(q.dtype), PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if not direct:
         n_rows = batch * heads * q_len
         block_r = 64 if INTERPRETED else 16
         _merge_splits_kernel[(triton.cdiv(n_rows, block_r),)](
             part_out, part_lse, out, *out.stride()[:3], heads, q_len, n_rows, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
     return out

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels.common import INTERPRETED, cast
+from tritonize.kernels.common import INTERPRETED, allow_next_kernel, cast, pdl_supported, wait_for_previous_kernel
 from tritonize.kernels.norm import launch_config
 
 INTERPRETER_ELEMENTS_PER_PROGRAM = 2**16  # few, big programs keep CPU tests fast
@@ -145,7 +145,7 @@ def _rotary_cache_write_kernel(
     q_stride_b, q_stride_h, q_stride_s, q_stride_d, k_stride_b, k_stride_h, k_stride_s, k_stride_d,
     v_stride_b, v_stride_h, v_stride_s, v_stride_d, cache_stride_b, cache_stride_h, cache_stride_s,
     c_stride_b, c_stride_s, c_stride_d,
-    ROTATE: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROTATE: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Programs [0, cdiv(q_rows, ROWS)) rotate q's rows into QO, the next cdiv(kv_rows, ROWS) write k's rows
     (rotated when ROTATE) into the k cache, the rest copy v's rows into the v cache.
@@ -154,8 +154,11 @@ def _rotary_cache_write_kernel(
     QO_ptr: contiguous output like q. KCache_ptr, VCache_ptr: [cache_batch, kv_heads, cache_len, head_dim]
     with the same strides, the last one 1. Offsets_ptr: [batch], the cache position of each sequence's
     token 0. Cos_ptr, Sin_ptr as in _rotary_kernel. Without ROTATE, q_rows is 0 and q, QO, cos, sin unused.
+    PDL: a programmatic dependent launch (common.py), waiting for the previous kernel before any access.
     Grid: (cdiv(q_rows, ROWS) + 2 * cdiv(kv_rows, ROWS),).
     """
+    wait_for_previous_kernel(PDL)
+    allow_next_kernel(PDL)
     block = tl.program_id(0)
     q_blocks = tl.cdiv(q_rows, ROWS)
     kv_blocks = tl.cdiv(kv_rows, ROWS)
@@ -267,6 +270,6 @@ def rotary_cache_write_fwd(
         q_rows, kv_rows, heads, kv_heads, seq, head_dim, cos.shape[2] if rotate else 0, k_cache.shape[2],
         *q.stride(), *k.stride(), *v.stride(), *k_cache.stride()[:3], *c_strides,
         ROTATE=rotate, INTERLEAVED=interleaved, ROWS=rows, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=config.num_warps,
+        PDL=pdl_supported(k.device), num_warps=config.num_warps, launch_pdl=pdl_supported(k.device),
     )  # fmt: skip
     return q_out

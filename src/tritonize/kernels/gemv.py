@@ -1,0 +1,182 @@
+"""Matrix-vector products for decode: a few rows of x against a weight read once, at the memory bandwidth.
+
+At one to a few tokens a step, a linear layer is a stream of its weight: every byte is read once and used
+for GEMV_MAX_M multiply-adds at most, so tensor cores (16-row tiles) buy nothing and split-K's partial sums
+cost a second launch. Here each program owns BLOCK_N output columns for every row of x, streams its
+[BLOCK_N, K] slice of the weight in [BLOCK_N, BLOCK_K] tiles along the contiguous K dim (wide, coalesced
+loads), multiplies on the CUDA cores in fp32 and reduces over K once per tile. Many narrow programs
+(hundreds to thousands) keep enough loads in flight to saturate HBM.
+
+Two prologue / epilogue fusions remove whole launches from a decoder layer:
+- RMS_NORM: x is RMS-normalized on the fly (fp32 statistics of the whole row, the normalized value rounded
+  to x's dtype before and after the norm weight, as `ops.rms_norm`'s "llama" variant): each program
+  re-reads the small x (L2-resident) to get the row's statistics, so the norm needs no kernel of its own.
+- GATED: the weight is cat([W_gate, W_up]) [2N, K]; a program streams gate rows n and up rows N + n
+  together and stores act(gate) * up (SwiGLU, GeGLU).
+Bias, activation and residual use linear's epilogue. Must never import torch.fx, Dynamo or transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonize.kernels.common import INTERPRETED, allow_next_kernel, cast, pdl_supported, wait_for_previous_kernel
+from tritonize.kernels.gated_mlp import _gated_epilogue
+from tritonize.kernels.linear import _epilogue
+
+GEMV_MAX_M = 2  # up to this many rows CUDA cores keep up with HBM (tensor-core tiles won from 4 rows on an H100)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """BLOCK_N output columns per program, BLOCK_K weight columns per loop step, launch options."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _load_weight_tile(w_rows, k, offs_k, K):
+    """Weight columns k .. k + BLOCK_K of the program's rows ([BLOCK_N, BLOCK_K]); zero past K (no traffic
+    for a tile wholly past K: the loop's prefetch of the step after the last)."""
+    cols = k + offs_k
+    return tl.load(w_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _gemv_kernel(
+    X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
+    x_row_stride, w_row_stride, r_row_stride, r_col_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Y[:, n] for the BLOCK_N columns n of this program and every row of x.
+
+    X_ptr: x [M, K], rows x_row_stride apart, K contiguous; M <= BLOCK_M. W_ptr: weight [N, K] (or
+    cat([W_gate, W_up]) [2N, K] with GATED), rows w_row_stride apart, K contiguous. B_ptr: bias [N]
+    ([2N] with GATED), contiguous. R_ptr: residual [M, N] with strides (r_row_stride, r_col_stride).
+    Y_ptr: output [M, N], contiguous. G_ptr: the RMSNorm weight [K], contiguous (with RMS_NORM).
+    PDL: launched as a programmatic dependent launch; the first weight tile is loaded before waiting for
+    the previous kernel (the weight is never written by a kernel), so the load overlaps its end.
+    Grid: (cdiv(N, BLOCK_N),).
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = (offs_m < M)[:, None]
+    x_rows = X_ptr + offs_m.to(tl.int64)[:, None] * x_row_stride
+    # columns past N wrap onto real weight rows: loads stay in bounds, their results are never stored
+    w_rows = W_ptr + (offs_n % N).to(tl.int64)[:, None] * w_row_stride
+    up_rows = w_rows + N * w_row_stride
+    # -- the weight is read one tile ahead (registers double-buffered); the first tile before the wait --
+    w = _load_weight_tile(w_rows, 0, offs_k, K)
+    w_up = w
+    if GATED:
+        w_up = _load_weight_tile(up_rows, 0, offs_k, K)
+    wait_for_previous_kernel(PDL)
+    allow_next_kernel(PDL)
+
+    # -- prologue: each row's inverse RMS over all of K (x is small and stays in L2) --
+    if RMS_NORM:
+        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            x = tl.load(x_rows + (k + offs_k)[None, :], mask=m_ok & ((k + offs_k) < K)[None, :], other=0.0)
+            x = x.to(tl.float32)
+            squares += x * x
+        inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+
+    # -- the weight stream: products of one [BLOCK_N, BLOCK_K] tile (two with GATED), reduced over K --
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        cols = k + offs_k
+        x = tl.load(x_rows + cols[None, :], mask=m_ok & (cols < K)[None, :], other=0.0).to(tl.float32)
+        if RMS_NORM:
+            g = tl.load(G_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            x = cast(x * inv_rms, X_ptr.dtype.element_ty).to(tl.float32) * g[None, :]
+            x = cast(x, X_ptr.dtype.element_ty).to(tl.float32)
+        w_next = _load_weight_tile(w_rows, k + BLOCK_K, offs_k, K)
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        w = w_next
+        if GATED:
+            w_up_next = _load_weight_tile(up_rows, k + BLOCK_K, offs_k, K)
+            acc_up += tl.sum(x[:, None, :] * w_up.to(tl.float32)[None, :, :], axis=2)
+            w_up = w_up_next
+
+    if GATED:
+        _gated_epilogue(acc, acc_up, offs_m, offs_n, M, N, B_ptr, Y_ptr, HAS_BIAS, ACTIVATION)
+    else:
+        _epilogue(
+            acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
+            HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+        )  # fmt: skip
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether gemv_fwd takes these operands: at most GEMV_MAX_M rows, both with a contiguous K dim."""
+    return x.shape[0] <= GEMV_MAX_M and x.stride(1) == 1 and weight.stride(1) == 1
+
+
+@functools.lru_cache(maxsize=1024)
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype) -> GemvConfig:
+    """Four weight rows per program in 1024-wide steps along K (8 KB of bf16 per load), 4 warps: the best
+    config at every Llama-style decode shape in the H100 sweep (benchmarks/sweep_gemv.py), where wider K
+    steps always won. Under the interpreter: few, large blocks (CPU tests stay quick)."""
+    block_k = min(1024, max(16, triton.next_power_of_2(K)))
+    if INTERPRETED:
+        return GemvConfig(block_n=32, block_k=min(256, block_k), num_warps=4)
+    return GemvConfig(block_n=4, block_k=block_k, num_warps=4, num_stages=1)
+
+
+def gemv_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    *,
+    gated: bool = False,
+    rms_norm_weight: torch.Tensor | None = None,
+    rms_norm_eps: float = 0.0,
+    out: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    pdl: bool | None = None,
+) -> torch.Tensor:
+    """activation(norm(x) @ weight^T + bias) + residual as a contiguous [M, N] tensor in x's dtype.
+
+    x: [M, K] with M <= GEMV_MAX_M and K contiguous (`supports`); weight: [N, K], K contiguous, or with
+    gated, cat([W_gate, W_up]) [2N, K] and the result act(x @ W_gate^T + b_gate) * (x @ W_up^T + b_up)
+    (no residual then). rms_norm_weight: [K], applies RMSNorm ("llama" numerics, rms_norm_eps) to x first.
+    bias: [N] ([2N] gated); residual: [M, N]. Validated by tritonize.ops. pdl: launch as a programmatic
+    dependent launch (default: where the GPU has it, sm_90+), its weight prefetch overlapping the previous kernel.
+    """
+    (M, K), N = x.shape, weight.shape[0] // (2 if gated else 1)
+    if not supports(x, weight):
+        raise ValueError(f"gemv_fwd takes at most {GEMV_MAX_M} rows with a contiguous last dim, got x "
+                         f"{tuple(x.shape)} strides {x.stride()}, weight strides {weight.stride()}")
+    if gated and residual is not None:
+        raise ValueError("gemv_fwd: a gated product takes no residual")
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    config = config or pick_config(M, N, K, x.dtype)
+    res_strides = (0, 0) if residual is None else residual.stride()
+    pdl = pdl_supported(x.device) if pdl is None else pdl
+    _gemv_kernel[(triton.cdiv(N, config.block_n),)](
+        x, weight, None if bias is None else bias.contiguous(), residual, out,
+        None if rms_norm_weight is None else rms_norm_weight.contiguous(), M, N, K, float(rms_norm_eps),
+        x.stride(0), weight.stride(0), *res_strides,
+        HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None,
+        RMS_NORM=rms_norm_weight is not None, GATED=gated, BLOCK_M=max(1, triton.next_power_of_2(M)),
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+    )  # fmt: skip
+    return out
