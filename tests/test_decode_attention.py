@@ -6,7 +6,12 @@ from helpers import assert_close, poisoned
 
 import tritonize
 from tritonize.kernels import reference
-from tritonize.kernels.decode_attention import DecodeAttentionConfig, decode_attention_fwd, default_num_splits
+from tritonize.kernels.decode_attention import (
+    MIN_SPLIT_KEYS,
+    DecodeAttentionConfig,
+    decode_attention_fwd,
+    default_num_splits,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # small blocks and several splits, so that some splits of the short rows are empty
@@ -90,7 +95,8 @@ def test_split_count_depends_only_on_shapes():
     cpu = torch.device("cpu")  # counted as an H100's 132 SMs
     assert default_num_splits(programs=64, max_len=4096, device=cpu) == 5  # batch 8 x 8 kv heads
     assert default_num_splits(programs=512, max_len=4096, device=cpu) == 1  # the grid already fills the card
-    assert default_num_splits(programs=1, max_len=300, device=cpu) == 1  # too few keys to cut
+    assert default_num_splits(programs=1, max_len=100, device=cpu) == 1  # too few keys to cut
+    assert default_num_splits(programs=1, max_len=300, device=cpu) == 300 // MIN_SPLIT_KEYS  # splits of >= 64 keys
     assert default_num_splits(programs=1, max_len=1 << 20, device=cpu) == 64  # capped
 
 

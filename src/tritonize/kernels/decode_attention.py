@@ -28,7 +28,8 @@ from tritonize.kernels.common import (
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 64
-MIN_SPLIT_KEYS = 256  # a full cache is never cut into splits of fewer keys than this
+# a full cache is never cut into splits of fewer keys than this (batch-1 Llama 1.7 GB on an H100: 64 beat 256 by 1.5%)
+MIN_SPLIT_KEYS = 64
 TARGET_WAVES = 2  # programs per SM the split count aims at
 
 

@@ -63,8 +63,8 @@ def _gemv_kernel(
     cat([W_gate, W_up]) [2N, K] with GATED), rows w_row_stride apart, K contiguous. B_ptr: bias [N]
     ([2N] with GATED), contiguous. R_ptr: residual [M, N] with strides (r_row_stride, r_col_stride).
     Y_ptr: output [M, N], contiguous. G_ptr: the RMSNorm weight [K], contiguous (with RMS_NORM).
-    PDL: launched as a programmatic dependent launch; the first weight tile is loaded before waiting for
-    the previous kernel (the weight is never written by a kernel), so the load overlaps its end.
+    PDL: launched as a programmatic dependent launch; the first two weight tiles are loaded before waiting
+    for the previous kernel (the weight is never written by a kernel), so the loads overlap its end.
     Grid: (cdiv(N, BLOCK_N),).
     """
     offs_m = tl.arange(0, BLOCK_M)
@@ -75,11 +75,13 @@ def _gemv_kernel(
     # columns past N wrap onto real weight rows: loads stay in bounds, their results are never stored
     w_rows = W_ptr + (offs_n % N).to(tl.int64)[:, None] * w_row_stride
     up_rows = w_rows + N * w_row_stride
-    # -- the weight is read one tile ahead (registers double-buffered); the first tile before the wait --
-    w = _load_weight_tile(w_rows, 0, offs_k, K)
-    w_up = w
+    # -- the weight is read two tiles ahead (registers triple-buffered); the first two before the wait --
+    w0 = _load_weight_tile(w_rows, 0, offs_k, K)
+    w1 = _load_weight_tile(w_rows, BLOCK_K, offs_k, K)
+    up0, up1 = w0, w1
     if GATED:
-        w_up = _load_weight_tile(up_rows, 0, offs_k, K)
+        up0 = _load_weight_tile(up_rows, 0, offs_k, K)
+        up1 = _load_weight_tile(up_rows, BLOCK_K, offs_k, K)
     wait_for_previous_kernel(PDL)
     allow_next_kernel(PDL)
 
@@ -102,13 +104,13 @@ def _gemv_kernel(
             g = tl.load(G_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
             x = cast(x * inv_rms, X_ptr.dtype.element_ty).to(tl.float32) * g[None, :]
             x = cast(x, X_ptr.dtype.element_ty).to(tl.float32)
-        w_next = _load_weight_tile(w_rows, k + BLOCK_K, offs_k, K)
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        w = w_next
+        w2 = _load_weight_tile(w_rows, k + 2 * BLOCK_K, offs_k, K)
+        acc += tl.sum(x[:, None, :] * w0.to(tl.float32)[None, :, :], axis=2)
+        w0, w1 = w1, w2
         if GATED:
-            w_up_next = _load_weight_tile(up_rows, k + BLOCK_K, offs_k, K)
-            acc_up += tl.sum(x[:, None, :] * w_up.to(tl.float32)[None, :, :], axis=2)
-            w_up = w_up_next
+            up2 = _load_weight_tile(up_rows, k + 2 * BLOCK_K, offs_k, K)
+            acc_up += tl.sum(x[:, None, :] * up0.to(tl.float32)[None, :, :], axis=2)
+            up0, up1 = up1, up2
 
     if GATED:
         _gated_epilogue(acc, acc_up, offs_m, offs_n, M, N, B_ptr, Y_ptr, HAS_BIAS, ACTIVATION)
