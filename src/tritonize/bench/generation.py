@@ -88,6 +88,9 @@ def bench_model(name: str, model, batches, prompt_len: int, new_tokens: int,
             with torch.inference_mode():
                 with tuning_context:  # --tune: the first call times kernel configs for each new linear shape
                     warmup_s, _ = _seconds(functools.partial(generate, ids, mask, 8))
+                if engine == "hf-generate-static-cache":  # compiles anew for each cache length: once per length
+                    for n in (1, SHORT_RUN, new_tokens):
+                        generate(ids, mask, n)
                 repeats = REPEATS if engine == "tritonize" else 1
                 first_s, short_s = (
                     statistics.median(_seconds(functools.partial(generate, ids, mask, n))[0] for _ in range(repeats))
