@@ -9,7 +9,7 @@ from helpers import assert_close, poisoned
 import tritonize.ops
 from tritonize.kernels import linear as linear_module
 from tritonize.kernels import reference
-from tritonize.kernels.linear import LinearConfig, _pick_config, linear_configs, linear_fwd
+from tritonize.kernels.linear import LinearConfig, _pick_config, linear_configs, linear_epilogue_fwd, linear_fwd
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, *reference.ACTIVATIONS)
@@ -239,6 +239,35 @@ def test_empty_rows(device):
     x, weight, b, r = _inputs(0, 8, 16, torch.float16, device)
     assert linear_fwd(x, weight, b, "relu", r).shape == (0, 8)
     assert tritonize.ops.linear(x.reshape(0, 0, 16), weight).shape == (0, 0, 8)
+
+
+# -- the epilogue alone (after a matmul done elsewhere: the cuBLAS route of ops.linear) ---------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias, residual", [(True, True), (False, True), (True, False)])
+def test_epilogue_of_a_given_product(activation, bias, residual, dtype, device):
+    M, N = 37, 70  # odd: partial blocks on both axes
+    x, weight, b, r = _inputs(M, N, 24, dtype, device, bias=bias, residual=residual)
+    product = (x.double() @ weight.double().t()).to(dtype)
+    out = poisoned((M, N), dtype, device)
+    assert linear_epilogue_fwd(product, b, activation, r, out=out) is out
+    expected = reference.activation(product.double() + (0 if b is None else b.double()), activation)
+    assert_close(out, expected + (0 if r is None else r.double()), dtype)
+
+
+def test_epilogue_in_place_with_a_strided_residual(device):
+    product = torch.randn(33, 20, device=device)
+    residual = torch.randn(20, 33, device=device).t()  # column-major
+    expected = torch.nn.functional.gelu(product.double()) + residual.double()
+    assert linear_epilogue_fwd(product, None, "gelu", residual, out=product) is product
+    assert_close(product, expected, torch.float32)
+
+
+def test_epilogue_rejects_a_strided_product(device):
+    with pytest.raises(ValueError, match="contiguous product"):
+        linear_epilogue_fwd(torch.randn(8, 6, device=device).t(), None, "relu", None)
 
 
 # -- public op ------------------------------------------------------------------------------------

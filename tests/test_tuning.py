@@ -58,7 +58,8 @@ def test_shipped_table_holds_valid_linear_configs():
     entries = json.loads(tuning.SHIPPED.read_text())["entries"]
     for per_card in entries.get("linear", {}).values():
         for config in per_card.values():
-            LinearConfig(**config)
+            if config != {"backend": tritonize.ops.CUBLAS}:
+                LinearConfig(**config)
 
 
 def test_autotuning_flag_is_scoped():
@@ -88,6 +89,30 @@ def test_ops_linear_runs_the_cached_config(tmp_path, monkeypatch, device):
     assert_close(out, reference.linear(x.double(), weight.double(), None, "gelu", None), torch.float32)
 
 
+@pytest.mark.parametrize("activation, bias, residual",
+                         [("gelu", True, True), (None, False, True), (None, True, False), (None, False, False)])
+def test_ops_linear_takes_the_cublas_route_when_the_cache_says_so(activation, bias, residual, tmp_path, monkeypatch,
+                                                                  device):
+    """An entry {"backend": "cublas"}: torch's matmul, then the epilogue kernel unless addmm holds it all."""
+    monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
+    card = torch.cuda.get_device_name() if device == "cuda" else "triton-interpreter"
+    x, weight = torch.randn(2, 5, 40, device=device), torch.randn(24, 40, device=device)
+    b = torch.randn(24, device=device) if bias else None
+    r = torch.randn(2, 5, 24, device=device) if residual else None
+    key = f"M16 N24 K40 float32 {activation or 'none'} bias={bias} residual={residual}"
+    tuning.cache().put("linear", card, key, {"backend": tritonize.ops.CUBLAS})
+    epilogues = []
+    real_epilogue = tritonize.ops.linear_epilogue_fwd
+    monkeypatch.setattr(tritonize.ops, "linear_fwd", lambda *args, **kwargs: pytest.fail("tiled kernel ran"))
+    monkeypatch.setattr(tritonize.ops, "linear_epilogue_fwd",
+                        lambda *args, **kwargs: epilogues.append(1) or real_epilogue(*args, **kwargs))
+    out = tritonize.ops.linear(x, weight, b, activation=activation, residual=r)
+    assert len(epilogues) == (activation is not None or residual)
+    expected = reference.linear(x.double(), weight.double(), None if b is None else b.double(), activation,
+                                None if r is None else r.double())
+    assert_close(out, expected, torch.float32)
+
+
 @pytest.mark.gpu
 def test_autotuning_times_candidates_once_and_stores_the_fastest(tmp_path, monkeypatch):
     monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
@@ -97,4 +122,6 @@ def test_autotuning_times_candidates_once_and_stores_the_fastest(tmp_path, monke
         out = tritonize.ops.linear(x, weight, activation="relu")
     stored = json.loads((tmp_path / "tuning.json").read_text())["entries"]["linear"][torch.cuda.get_device_name()]
     assert list(stored) == ["M256 N384 K256 float16 relu bias=False residual=False"]
+    entry = stored["M256 N384 K256 float16 relu bias=False residual=False"]
+    assert entry == {"backend": tritonize.ops.CUBLAS} or LinearConfig(**entry)
     assert_close(out, reference.linear(x.double(), weight.double(), None, "relu", None), torch.float16)

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import triton.testing
 
 from tritonize import tuning
 from tritonize.kernels import gemv, reference
@@ -22,7 +23,13 @@ from tritonize.kernels.attention import flash_attention_fwd
 from tritonize.kernels.common import INTERPRETED
 from tritonize.kernels.decode_attention import decode_attention_fwd
 from tritonize.kernels.gated_mlp import gated_mlp_fwd
-from tritonize.kernels.linear import LinearConfig, linear_fwd, time_linear_configs, tuning_candidates
+from tritonize.kernels.linear import (
+    LinearConfig,
+    linear_epilogue_fwd,
+    linear_fwd,
+    time_linear_configs,
+    tuning_candidates,
+)
 from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
 from tritonize.kernels.rotary import rotary_cache_write_fwd, rotary_fwd
 
@@ -185,7 +192,11 @@ def _linear_op(
     if _runs_triton(x) and gemv.supports(x2d, weight):  # decode sizes: a weight stream on CUDA cores
         out = gemv.gemv_fwd(x2d, weight, bias, act, res2d)
     elif _runs_triton(x):
-        out = linear_fwd(x2d, weight, bias, act, res2d, config=_tuned_linear_config(x2d, weight, bias, act, res2d))
+        tuned = _tuned_linear_config(x2d, weight, bias, act, res2d)
+        if tuned == CUBLAS:
+            out = _cublas_linear(x2d, weight, bias, act, res2d)
+        else:
+            out = linear_fwd(x2d, weight, bias, act, res2d, config=tuned)
     else:
         out = reference.linear(x2d, weight, bias, act, res2d)
     return out.reshape(out_shape)
@@ -196,25 +207,49 @@ def _card(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "triton-interpreter"
 
 
-def _tuned_linear_config(x2d, weight, bias, activation, residual) -> LinearConfig | None:
-    """The tuning cache's config for this shape class (M rounded up to a power of two), timing the
-    candidates first on a miss under `tuning.autotuning()` (CUDA only, never while capturing a graph);
-    None: the kernel's shape heuristic."""
+# A linear tuning entry {"backend": "cublas"}: torch's matmul (cuBLAS) then the Triton epilogue kernel beat
+# every tiled config at that shape (mid-sized prefill GEMMs on an H100, where cuBLAS's Hopper kernels win).
+CUBLAS = "cublas"
+
+
+def _cublas_linear(x2d, weight, bias, activation, residual) -> torch.Tensor:
+    """activation(x2d @ weight^T + bias) + residual through torch's matmul (cuBLAS on CUDA): bias alone rides
+    in the matmul (addmm); otherwise the product, rounded to x's dtype like torch.compile's, goes through
+    `linear_epilogue_fwd` in place (bias, activation and residual in fp32, one pass)."""
+    if activation is None and residual is None:
+        return torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+    product = torch.mm(x2d, weight.t())
+    return linear_epilogue_fwd(product, bias, activation, residual, out=product)
+
+
+def _tuned_linear_config(x2d, weight, bias, activation, residual) -> LinearConfig | str | None:
+    """The tuning cache's choice for this shape class (M rounded up to a power of two): a LinearConfig, or
+    CUBLAS. On a miss under `tuning.autotuning()` (CUDA only, never while capturing a graph) the tiled
+    candidates and the cuBLAS route are timed first and the fastest stored; otherwise None: the kernel's
+    shape heuristic."""
     (M, K), N = x2d.shape, weight.shape[0]
     card = _card(x2d.device)
     key = (f"M{max(16, 1 << (M - 1).bit_length())} N{N} K{K} {str(x2d.dtype).removeprefix('torch.')} "
            f"{activation or 'none'} bias={bias is not None} residual={residual is not None}")
     entry = tuning.cache().get("linear", card, key)
     if entry is not None:
-        return LinearConfig(**entry)
+        return CUBLAS if entry.get("backend") == CUBLAS else LinearConfig(**entry)
     if not (tuning.is_autotuning() and x2d.is_cuda) or torch.cuda.is_current_stream_capturing():
         return None
     timed = time_linear_configs(x2d, weight, bias, activation, residual,
                                 tuning_candidates(M, N, K, x2d.dtype, x2d.device))
     (best, best_ms), (_, heuristic_ms) = min(timed, key=lambda pair: pair[1]), timed[0]
-    tuning.cache().put("linear", card, key, dataclasses.asdict(best))
-    logger.info("tritonize: tuned linear %s: %s %.4f ms (shape heuristic %.4f ms), %d configs timed",
-                key, best, best_ms, heuristic_ms, len(timed))
+    cublas_ms = math.inf  # fp32 stays on the exact tiled kernels (cuBLAS may run fp32 on TF32 tensor cores)
+    if x2d.dtype != torch.float32:
+        cublas_ms = triton.testing.do_bench_cudagraph(
+            lambda: _cublas_linear(x2d, weight, bias, activation, residual), rep=10, return_mode="median")
+    if cublas_ms < best_ms:
+        best, best_ms, entry = CUBLAS, cublas_ms, {"backend": CUBLAS}
+    else:
+        entry = dataclasses.asdict(best)
+    tuning.cache().put("linear", card, key, entry)
+    logger.info("tritonize: tuned linear %s: %s %.4f ms (shape heuristic %.4f ms, cuBLAS + epilogue %.4f ms), "
+                "%d configs timed", key, best, best_ms, heuristic_ms, cublas_ms, len(timed))
     return best
 
 
@@ -231,7 +266,8 @@ def linear(
     activation: str | None = None,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """activation(x @ weight^T + bias) + residual in one kernel, fp32 accumulation.
+    """activation(x @ weight^T + bias) + residual in one kernel, fp32 accumulation (or, at fp16/bf16 shapes
+    where `tuning` measured it faster, cuBLAS's matmul then one Triton epilogue kernel).
 
     x: [..., in_features]; weight: [out_features, in_features] (nn.Linear layout); bias:
     [out_features]; residual: [..., out_features]; activation: None, "relu", "gelu" (erf),

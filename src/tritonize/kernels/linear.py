@@ -224,9 +224,12 @@ def _split_k_reduce_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Sums the SPLIT_K fp32 partials [SPLIT_K, M, N] in a fixed order, then applies the epilogue.
+    """Sums the SPLIT_K partials [SPLIT_K, M, N] in a fixed order, in fp32, then applies the epilogue.
 
-    Pointers as in _linear_kernel. Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
+    Partial_ptr: contiguous, fp32 from a split _linear_kernel, or (SPLIT_K=1) one finished product in
+    any float dtype (`linear_epilogue_fwd`). Other pointers as in _linear_kernel; Y_ptr may be
+    Partial_ptr itself when SPLIT_K=1 (each element is read, then written, by the same program).
+    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -426,9 +429,40 @@ def linear_fwd(
         EVEN_K=K % (config.block_k * config.split_k) == 0, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if config.split_k > 1:
-        block_m, block_n = min(16, triton.next_power_of_2(M)), 64  # many small programs: bandwidth-bound
-        _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-            partial, bias, residual, out, M, N, *res_strides, **flags, SPLIT_K=config.split_k,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-        )  # fmt: skip
+        _reduce_and_epilogue(partial, bias, activation, residual, out, config.split_k)
+    return out
+
+
+def _reduce_and_epilogue(partial, bias, activation, residual, out, split_k: int) -> None:
+    M, N = out.shape
+    block_m = min(16, triton.next_power_of_2(M))  # many small programs: bandwidth-bound
+    block_n = 256 if INTERPRETED else 64  # the interpreter pays per program
+    res_strides = (0, 0) if residual is None else residual.stride()
+    _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        partial, bias, residual, out, M, N, *res_strides,
+        HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None,
+        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+
+
+def linear_epilogue_fwd(
+    product: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """activation(product + bias) + residual in fp32, stored in out's dtype: the epilogue of a matmul done
+    elsewhere (tritonize.ops runs cuBLAS's where tuning measured it faster than every tiled config).
+
+    product: a contiguous [M, N] tensor in any float dtype; bias: [N]; residual: [M, N], any strides.
+    out: a contiguous [M, N] buffer (product itself for in place); None: a new one in product's dtype.
+    """
+    if not product.is_contiguous():
+        raise ValueError("linear_epilogue_fwd needs a contiguous product")
+    if out is None:
+        out = torch.empty_like(product)
+    if product.numel() == 0:
+        return out
+    _reduce_and_epilogue(product, None if bias is None else bias.contiguous(), activation, residual, out, 1)
     return out
