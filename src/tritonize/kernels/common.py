@@ -70,3 +70,47 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
 def allow_next_kernel(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+# -- prefetching into L2 (Hopper and newer) ---------------------------------------------------------
+# A kernel with little memory traffic of its own (a decode step's rotary + cache write, at small batch) can
+# pull the weights of the kernels after it into L2 meanwhile, so HBM never idles between weight streams.
+# The host lists the 4 KB chunks to fetch (`l2_prefetch_chunks`); the kernel's extra programs each issue
+# one bulk prefetch per thread (`prefetch_into_l2`) and exit: a hint, with no effect on any result.
+
+L2_PREFETCH_CHUNK_BYTES = 4096  # the size written into prefetch_into_l2's instruction
+
+
+@functools.cache
+def l2_prefetch_supported(device: torch.device) -> bool:
+    return pdl_supported(device)  # cp.async.bulk.prefetch exists from sm_90 on, as PDL does
+
+
+def l2_prefetch_chunks(tensors, device: torch.device) -> torch.Tensor | None:
+    """int64 [n] start addresses of the L2_PREFETCH_CHUNK_BYTES chunks that cover the memory of `tensors`
+    (contiguous ones; others, and any smaller than a chunk, are left out), on `device`; None when there is
+    nothing to fetch or the device can't (CPU, interpreter, before sm_90). The addresses are raw: the tensors
+    must outlive every launch given them."""
+    if not l2_prefetch_supported(device):
+        return None
+    chunks = []
+    for t in tensors:
+        n_bytes = t.numel() * t.element_size()
+        if not t.is_contiguous() or n_bytes < L2_PREFETCH_CHUNK_BYTES or t.data_ptr() % 16:
+            continue
+        start = t.data_ptr()
+        chunks.extend(range(start, start + n_bytes - L2_PREFETCH_CHUNK_BYTES + 1, L2_PREFETCH_CHUNK_BYTES))
+        if n_bytes % L2_PREFETCH_CHUNK_BYTES:  # the tail, as one more chunk ending 16-byte aligned near the end
+            chunks.append(start + (n_bytes - L2_PREFETCH_CHUNK_BYTES) // 16 * 16)
+    return torch.tensor(chunks, dtype=torch.int64, device=device) if chunks else None
+
+
+@triton.jit
+def prefetch_into_l2(Chunks_ptr, n_chunks, program, BLOCK: tl.constexpr, ENABLED: tl.constexpr):
+    """Program `program`'s BLOCK chunks of the list (one per element; past the end, the last one again).
+    ENABLED: l2_prefetch_supported (the instruction exists); otherwise nothing."""
+    if ENABLED:
+        index = tl.minimum(program * BLOCK + tl.arange(0, BLOCK), n_chunks - 1)
+        address = tl.load(Chunks_ptr + index)
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 4096; // $0", "=r,l", [address],
+                                  dtype=tl.int32, is_pure=False, pack=1)
