@@ -11,7 +11,7 @@ from helpers import assert_close, poisoned
 
 import tritonize.ops
 from tritonize.debug import bounds_checked
-from tritonize.kernels import common, reference
+from tritonize.kernels import reference
 from tritonize.kernels.common import INTERPRETED
 from tritonize.kernels.rotary import RotaryConfig, rotary_cache_write_fwd, rotary_fwd
 
@@ -339,51 +339,8 @@ def test_cache_write_opcheck(device):
     args = _cache_write_args(device)
     q_out = torch.empty_like(args["q"], memory_format=torch.contiguous_format)
     op = torch.ops.tritonize.rotary_cache_write.default
-    torch.library.opcheck(op, (*args.values(), True, q_out, None))
-    torch.library.opcheck(op, (*{**args, "cos": None, "sin": None}.values(), False, None, None))
-
-
-# -- pulling the next kernels' weights into L2 during the cache write (a hint: results unchanged) ----------
-
-
-def test_l2_prefetch_chunks_cover_each_tensor(monkeypatch):
-    """4 KB chunks from each contiguous tensor's start to its end, 16-byte aligned, never past the end."""
-    monkeypatch.setattr(common, "l2_prefetch_supported", lambda device: True)
-    chunk = common.L2_PREFETCH_CHUNK_BYTES
-    a, b = torch.empty(3 * chunk + 48, dtype=torch.uint8), torch.empty(chunk // 2 + 8, dtype=torch.float16)
-    strided, small = torch.empty(64, 64, dtype=torch.float32).t(), torch.empty(16)
-    chunks = common.l2_prefetch_chunks([a, strided, b, small], torch.device("cpu")).tolist()
-    start_a, start_b = a.data_ptr(), b.data_ptr()
-    # a: three whole chunks and its last 48 bytes (a chunk ending there); b: one chunk and its last 16 bytes
-    assert chunks == [start_a, start_a + chunk, start_a + 2 * chunk, start_a + 2 * chunk + 48, start_b, start_b + 16]
-    assert all(c % 16 == 0 for c in chunks)
-
-
-def test_l2_prefetch_plan_is_none_where_unsupported():
-    assert tritonize.ops.l2_prefetch_plan(torch.empty(1 << 20)) is None  # CPU (or the interpreter)
-    assert tritonize.ops.l2_prefetch_plan() is None
-
-
-def test_cache_write_rejects_a_foreign_prefetch(device):
-    args = _cache_write_args(device)
-    with pytest.raises(ValueError, match="l2_prefetch_plan"):
-        tritonize.ops.rotary_cache_write(*args.values(), prefetch=torch.zeros(4, dtype=torch.int32, device=device))
-
-
-@pytest.mark.gpu
-def test_cache_write_with_prefetch_matches_without(device):
-    """The prefetch programs change nothing: q, k cache and v cache equal those of a launch without them."""
-    args = _cache_write_args(device)
-    weights = [torch.randn(4096, 2048, device=device, dtype=args["q"].dtype), torch.randn(333, 64, device=device)]
-    plan = tritonize.ops.l2_prefetch_plan(*weights)
-    assert plan is not None and plan.numel() == 4096 * 2048 * 4 // 4096 + 21  # the second: 20 chunks and a tail
-    outputs = []
-    for prefetch in (None, plan):
-        run = {**args, "k_cache": args["k_cache"].clone(), "v_cache": args["v_cache"].clone()}
-        q = tritonize.ops.rotary_cache_write(*run.values(), prefetch=prefetch)
-        outputs.append((q, run["k_cache"], run["v_cache"]))
-    for without, with_prefetch in zip(*outputs, strict=True):
-        assert torch.equal(without, with_prefetch)
+    torch.library.opcheck(op, (*args.values(), True, q_out))
+    torch.library.opcheck(op, (*{**args, "cos": None, "sin": None}.values(), False, None))
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ import triton.testing
 from tritonize import tuning
 from tritonize.kernels import gemv, reference
 from tritonize.kernels.attention import flash_attention_fwd
-from tritonize.kernels.common import INTERPRETED, l2_prefetch_chunks
+from tritonize.kernels.common import INTERPRETED
 from tritonize.kernels.decode_attention import decode_attention_fwd
 from tritonize.kernels.gated_mlp import gated_mlp_fwd
 from tritonize.kernels.linear import (
@@ -34,8 +34,7 @@ from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
 from tritonize.kernels.rotary import rotary_cache_write_fwd, rotary_fwd
 
 __all__ = ["attention", "linear", "layer_norm", "rms_norm", "rotary", "rotary_cache_write", "gated_mlp",
-           "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "decode_attention", "l2_prefetch_plan",
-           "SUPPORTED_DTYPES"]
+           "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "decode_attention", "SUPPORTED_DTYPES"]
 
 logger = logging.getLogger("tritonize")
 
@@ -503,11 +502,9 @@ def _rotary_cache_write_op(
     write_offsets: torch.Tensor,
     interleaved: bool,
     q_out: torch.Tensor | None,
-    prefetch: torch.Tensor | None,
 ) -> None:
     if _runs_triton(q):
-        rotary_cache_write_fwd(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out,
-                               prefetch=prefetch)
+        rotary_cache_write_fwd(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out)
         return
     q_rot = reference.rotary_cache_write(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved)
     if q_out is not None:
@@ -515,21 +512,8 @@ def _rotary_cache_write_op(
 
 
 @_rotary_cache_write_op.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out, prefetch):
+def _(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out):
     return None
-
-
-def l2_prefetch_plan(*tensors: torch.Tensor) -> torch.Tensor | None:
-    """What `rotary_cache_write(..., prefetch=)` pulls into L2 while it runs: the memory of `tensors` (contiguous
-    ones of 4 KB or more; all on one device), as an opaque int64 tensor of chunk addresses. A performance hint
-    for the kernels after it (a decode step's next weights), with no effect on results. None where the GPU can't
-    (before Hopper, CPU). The tensors must stay alive as long as the plan is used."""
-    if not tensors:
-        return None
-    for name, t in enumerate(tensors):
-        _check_tensor(f"tensors[{name}]", t)
-    _check_same_device(tensors[0].device, **{f"tensors[{i}]": t for i, t in enumerate(tensors)})
-    return l2_prefetch_chunks(tensors, tensors[0].device)
 
 
 def rotary_cache_write(
@@ -543,7 +527,6 @@ def rotary_cache_write(
     write_offsets: torch.Tensor,
     *,
     interleaved: bool = False,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`rotary(q, k, cos, sin)` and the KV-cache write of k and v, in one kernel; returns the rotated q.
 
@@ -555,8 +538,7 @@ def rotary_cache_write(
     write_offsets: int32 or int64 [batch] on q's device, read on the device only (no host sync: capturable in
     a CUDA graph). The caller guarantees write_offsets[b] + seq <= cache_len, which cannot be checked without
     a sync; positions outside [0, cache_len) are skipped, never written out of bounds. Returns the rotated q
-    as a new contiguous tensor in q's dtype. prefetch: an `l2_prefetch_plan` (or None) of memory that extra
-    programs pull into L2 meanwhile, without waiting for the kernel before: a hint for the kernels after this.
+    as a new contiguous tensor in q's dtype.
     """
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must both be tensors, or both None (no rotation)")
@@ -593,12 +575,8 @@ def rotary_cache_write(
         raise ValueError(f"write_offsets must have shape (batch,) = ({batch},), got {tuple(write_offsets.shape)}")
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
-    if prefetch is not None:
-        _check_tensor("prefetch", prefetch, ndim=1)
-        if prefetch.dtype != torch.int64 or prefetch.device != q.device:
-            raise ValueError("prefetch must be an l2_prefetch_plan of tensors on q's device")
     q_out = None if cos is None else torch.empty_like(q, memory_format=torch.contiguous_format)
-    _rotary_cache_write_op(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out, prefetch)
+    _rotary_cache_write_op(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out)
     return q if q_out is None else q_out
 
 

@@ -42,9 +42,6 @@ from tritonize.passes.sibling_linears import pack_parameters
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 CACHE_LENGTH_MULTIPLE = 64  # caches grow in steps of this many positions
-# Weight bytes of each layer's output projection and MLP that a decode step pulls into L2 while the layer's
-# rotary + cache write and attention run (HBM would otherwise idle there); see `_l2_prefetch_plan`.
-L2_PREFETCH_BYTES = 24 << 20
 # position-dependent rope variants whose cos/sin change with the sequence length: a fixed table can't hold them
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 
@@ -160,7 +157,6 @@ class DecoderEngine:
             self.lm_head = self.embed if tied else self._local(model.lm_head.weight)  # a tied one is copied once
         self.collectives = (RankCollectives(process_group, self.device, self.embed.dtype, all_reduce)
                             if tp_size > 1 else None)
-        self.l2_prefetch = [self._l2_prefetch_plan(layer) for layer in self.layers]
         self.cache_batch = self.cache_len = 0
         self.weight_addresses = parameter_addresses(model)
         self.decode_graphs = DecodeGraphCache()  # the decode loops captured over this engine's buffers
@@ -272,20 +268,6 @@ class DecoderEngine:
                              process_group=self.process_group, device=self.requested_device,
                              all_reduce=self.all_reduce)
 
-    def _l2_prefetch_plan(self, layer: Layer) -> torch.Tensor | None:
-        """The weights a decode step pulls into L2 during the layer's rotary + cache write and attention
-        (`ops.l2_prefetch_plan`): the output projection, then the rows of the MLP's up (gated: gate and up)
-        projection that its first programs read, up to L2_PREFETCH_BYTES in all (0: nothing). None off Hopper."""
-        if L2_PREFETCH_BYTES <= 0:
-            return None
-        budget = L2_PREFETCH_BYTES - layer.o_weight.numel() * layer.o_weight.element_size()
-        parts = [layer.o_weight]
-        up = layer.up_weight
-        halves = up.chunk(2) if layer.gated else (up,)  # a gated program reads gate row n and up row n together
-        rows = max(0, budget // (len(halves) * up.shape[1] * up.element_size()))
-        parts += [half[:rows] for half in halves if rows > 0]
-        return ops.l2_prefetch_plan(*parts)
-
     # -- caches -------------------------------------------------------------------------------------
 
     def reserve(self, batch: int, max_len: int, *, padding: int = 0) -> None:
@@ -331,12 +313,10 @@ class DecoderEngine:
         """cos, sin [batch, seq, rotary_dim] at positions [batch, seq], gathered once for every layer."""
         return None if self.gpt2 else (self.cos[positions], self.sin[positions])
 
-    def _layer(self, index: int, h: torch.Tensor, rotation, write_at: torch.Tensor, attend,
-               prefetch: bool = False) -> torch.Tensor:
+    def _layer(self, index: int, h: torch.Tensor, rotation, write_at: torch.Tensor, attend) -> torch.Tensor:
         """Block `index` on h [batch, seq, hidden]; rotation: `_rotation(positions)`; write_at: int32 [batch], the
         cache position of each sequence's first token here; `attend(index, q)`, once k and v are in the caches,
-        returns [batch, seq, heads, dim] (seq-major: reshaped to the hidden size without a copy). prefetch: pull
-        the layer's next weights into L2 during rotary + attention (decode steps: they read little else)."""
+        returns [batch, seq, heads, dim] (seq-major: reshaped to the hidden size without a copy)."""
         layer = self.layers[index]
         batch, seq, _ = h.shape
         rank0 = self.tp_rank == 0
@@ -347,8 +327,7 @@ class DecoderEngine:
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = rotation if rotation is not None else (None, None)
-        q = ops.rotary_cache_write(q, k, v, cos, sin, self.k_caches[index], self.v_caches[index], write_at,
-                                   prefetch=self.l2_prefetch[index] if prefetch else None)
+        q = ops.rotary_cache_write(q, k, v, cos, sin, self.k_caches[index], self.v_caches[index], write_at)
         out = attend(index, q).reshape(batch, seq, self.local_heads * self.head_dim)
         h = self._sum_ranks(ops.linear(out, layer.o_weight, layer.o_bias, residual=h if rank0 else None))
         if layer.gated:
@@ -443,6 +422,6 @@ class DecoderEngine:
 
         h, rotation = self._embed(tokens[:, None], positions), self._rotation(positions)
         for index in range(len(self.layers)):
-            h = self._layer(index, h, rotation, cache_seqlens, attend, prefetch=True)
+            h = self._layer(index, h, rotation, cache_seqlens, attend)
         cache_seqlens.copy_(seqlens)
         return self._logits(h[:, 0])

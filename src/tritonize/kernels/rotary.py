@@ -14,15 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels.common import (
-    INTERPRETED,
-    allow_next_kernel,
-    cast,
-    l2_prefetch_supported,
-    pdl_supported,
-    prefetch_into_l2,
-    wait_for_previous_kernel,
-)
+from tritonize.kernels.common import INTERPRETED, allow_next_kernel, cast, pdl_supported, wait_for_previous_kernel
 from tritonize.kernels.norm import launch_config
 
 INTERPRETER_ELEMENTS_PER_PROGRAM = 2**16  # few, big programs keep CPU tests fast
@@ -152,13 +144,10 @@ def _rotary_cache_write_kernel(
     q_rows, kv_rows, heads, kv_heads, seq, head_dim, rotary_dim, cache_len,
     q_stride_b, q_stride_h, q_stride_s, q_stride_d, k_stride_b, k_stride_h, k_stride_s, k_stride_d,
     v_stride_b, v_stride_h, v_stride_s, v_stride_d, cache_stride_b, cache_stride_h, cache_stride_s,
-    c_stride_b, c_stride_s, c_stride_d, Prefetch_ptr, n_prefetch_chunks,
+    c_stride_b, c_stride_s, c_stride_d,
     ROTATE: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, PREFETCH_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Programs [0, cdiv(n_prefetch_chunks, PREFETCH_BLOCK)) pull the chunks listed at Prefetch_ptr into L2
-    (common.prefetch_into_l2: weights of the next kernels) without waiting for anything; of the programs after
-    them, the first cdiv(q_rows, ROWS) rotate q's rows into QO, the next cdiv(kv_rows, ROWS) write k's rows
+    """Programs [0, cdiv(q_rows, ROWS)) rotate q's rows into QO, the next cdiv(kv_rows, ROWS) write k's rows
     (rotated when ROTATE) into the k cache, the rest copy v's rows into the v cache.
 
     Q_ptr: q [batch, heads, seq, head_dim], K_ptr, V_ptr: [batch, kv_heads, seq, head_dim], any strides.
@@ -166,35 +155,11 @@ def _rotary_cache_write_kernel(
     with the same strides, the last one 1. Offsets_ptr: [batch], the cache position of each sequence's
     token 0. Cos_ptr, Sin_ptr as in _rotary_kernel. Without ROTATE, q_rows is 0 and q, QO, cos, sin unused.
     PDL: a programmatic dependent launch (common.py), waiting for the previous kernel before any access.
-    PREFETCH: n_prefetch_chunks > 0 (compiles the prefetch, sm_90+); PREFETCH_BLOCK: chunks per prefetch program.
-    Grid: (cdiv(n_prefetch_chunks, PREFETCH_BLOCK) + cdiv(q_rows, ROWS) + 2 * cdiv(kv_rows, ROWS),).
+    Grid: (cdiv(q_rows, ROWS) + 2 * cdiv(kv_rows, ROWS),).
     """
-    block = tl.program_id(0)
-    prefetch_blocks = tl.cdiv(n_prefetch_chunks, PREFETCH_BLOCK)  # 0 without prefetching
-    if block < prefetch_blocks:
-        prefetch_into_l2(Prefetch_ptr, n_prefetch_chunks, block, PREFETCH_BLOCK, PREFETCH)
-    else:
-        _rotate_and_write_rows(
-            Q_ptr, K_ptr, V_ptr, QO_ptr, KCache_ptr, VCache_ptr, Cos_ptr, Sin_ptr, Offsets_ptr,
-            block - prefetch_blocks, q_rows, kv_rows, heads, kv_heads, seq, head_dim, rotary_dim, cache_len,
-            q_stride_b, q_stride_h, q_stride_s, q_stride_d, k_stride_b, k_stride_h, k_stride_s, k_stride_d,
-            v_stride_b, v_stride_h, v_stride_s, v_stride_d, cache_stride_b, cache_stride_h, cache_stride_s,
-            c_stride_b, c_stride_s, c_stride_d, ROTATE, INTERLEAVED, ROWS, BLOCK_D, PDL,
-        )  # fmt: skip
-
-
-@triton.jit
-def _rotate_and_write_rows(
-    Q_ptr, K_ptr, V_ptr, QO_ptr, KCache_ptr, VCache_ptr, Cos_ptr, Sin_ptr, Offsets_ptr,
-    block, q_rows, kv_rows, heads, kv_heads, seq, head_dim, rotary_dim, cache_len,
-    q_stride_b, q_stride_h, q_stride_s, q_stride_d, k_stride_b, k_stride_h, k_stride_s, k_stride_d,
-    v_stride_b, v_stride_h, v_stride_s, v_stride_d, cache_stride_b, cache_stride_h, cache_stride_s,
-    c_stride_b, c_stride_s, c_stride_d,
-    ROTATE: tl.constexpr, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    """The work of _rotary_cache_write_kernel's program `block` (counted after the prefetch programs)."""
     wait_for_previous_kernel(PDL)
     allow_next_kernel(PDL)
+    block = tl.program_id(0)
     q_blocks = tl.cdiv(q_rows, ROWS)
     kv_blocks = tl.cdiv(kv_rows, ROWS)
     if block < q_blocks:
@@ -277,7 +242,6 @@ def rotary_cache_write_fwd(
     interleaved: bool,
     q_out: torch.Tensor | None = None,
     config: RotaryConfig | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Writes k (rotated) and v into the caches at write_offsets[b] + s; returns q rotated (None without cos/sin).
 
@@ -285,14 +249,10 @@ def rotary_cache_write_fwd(
     contiguous [cache_batch >= batch, kv_heads, cache_len, head_dim], written in place; positions outside
     [0, cache_len) are skipped. write_offsets: int32 or int64 [batch], read on the device only (validated by
     tritonize.ops). q_out: optional contiguous buffer for the rotated q. config: overrides the rows per program.
-    prefetch: int64 chunk addresses from common.l2_prefetch_chunks, pulled into L2 by extra programs (ignored
-    where common.l2_prefetch_supported is False).
     """
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
     rotate = cos is not None
-    if prefetch is not None and not l2_prefetch_supported(q.device):
-        prefetch = None
     if rotate and q_out is None:
         q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
     q_rows, kv_rows = batch * heads * seq if rotate else 0, batch * kv_heads * seq
@@ -304,16 +264,12 @@ def rotary_cache_write_fwd(
     config = config or default_config(max(q_rows, kv_rows), head_dim)
     rows = config.rows_per_program
     c_strides = (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), cos.stride(2)) if rotate else (0, 0, 0)
-    n_chunks = 0 if prefetch is None else prefetch.numel()
-    prefetch_block = 32 * config.num_warps  # one chunk per thread
-    grid = (triton.cdiv(n_chunks, prefetch_block) + triton.cdiv(q_rows, rows) + 2 * triton.cdiv(kv_rows, rows),)
+    grid = (triton.cdiv(q_rows, rows) + 2 * triton.cdiv(kv_rows, rows),)
     _rotary_cache_write_kernel[grid](
         q, k, v, q_out, k_cache, v_cache, cos, sin, write_offsets,
         q_rows, kv_rows, heads, kv_heads, seq, head_dim, cos.shape[2] if rotate else 0, k_cache.shape[2],
         *q.stride(), *k.stride(), *v.stride(), *k_cache.stride()[:3], *c_strides,
-        write_offsets if prefetch is None else prefetch, n_chunks,
         ROTATE=rotate, INTERLEAVED=interleaved, ROWS=rows, BLOCK_D=triton.next_power_of_2(head_dim),
-        PDL=pdl_supported(k.device), PREFETCH=n_chunks > 0, PREFETCH_BLOCK=prefetch_block,
-        num_warps=config.num_warps, launch_pdl=pdl_supported(k.device),
+        PDL=pdl_supported(k.device), num_warps=config.num_warps, launch_pdl=pdl_supported(k.device),
     )  # fmt: skip
     return q_out
