@@ -4,7 +4,8 @@ Two layers, looked up in this order:
   1. the user's file, `$TRITONIZE_TUNING_CACHE` (default `~/.cache/tritonize/tuning.json`), which
      `autotuning()` fills: a new process reads what an earlier one measured;
   2. the table shipped inside tritonize (`tritonize/data/tuning.json`), measured by the maintainers on
-     the cards it names (`tritonize tune` regenerates it).
+     the cards it names (regenerated with `tritonize bench --model bert-base --tune` after removing the
+     card's entries; see docs/benchmarks.md).
 Entries are keyed by the card's name, so a config measured on one GPU never steers another. A miss
 means the kernel's own shape heuristic. Plain JSON (no pickle), written atomically.
 
