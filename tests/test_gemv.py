@@ -8,6 +8,7 @@ import torch
 from helpers import assert_close, poisoned
 
 import tritonize.ops
+from tritonize.kernels import gemv as gemv_module
 from tritonize.kernels import reference
 from tritonize.kernels.gemv import GEMV_MAX_M, GemvConfig, gemv_fwd, supports
 
@@ -86,6 +87,17 @@ def test_supports_and_errors(device):
     with pytest.raises(ValueError, match="no residual"):
         gemv_fwd(x[:1], torch.randn(16, 16, device=device), None, "silu", torch.randn(1, 8, device=device),
                  gated=True)
+
+
+def test_weights_past_the_cards_limit_take_the_tensor_core_path(monkeypatch, device):
+    """A card listed in MAX_WEIGHT_BYTES keeps its larger weights off the GEMV; the size counts every row."""
+    monkeypatch.setattr(gemv_module, "_card", lambda device: "a card")
+    monkeypatch.setitem(gemv_module.MAX_WEIGHT_BYTES, "a card", 1 << 20)
+    x = torch.randn(1, 1024, device=device)
+    at_limit, past = (torch.empty(1, 1024, device=device).expand(rows, 1024) for rows in (256, 257))  # 4 B a value
+    assert supports(x, at_limit) and not supports(x, past)
+    monkeypatch.delitem(gemv_module.MAX_WEIGHT_BYTES, "a card")
+    assert supports(x, past)  # an unlisted card: no limit
 
 
 @pytest.mark.parametrize("M", [1, GEMV_MAX_M + 3])

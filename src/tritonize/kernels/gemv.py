@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 import triton
@@ -30,6 +31,11 @@ from tritonize.kernels.gated_mlp import _gated_epilogue
 from tritonize.kernels.linear import _epilogue
 
 GEMV_MAX_M = 2  # up to this many rows CUDA cores keep up with HBM (tensor-core tiles won from 4 rows on an H100)
+# Per card, the weight size above which the tensor-core path streams faster (benchmarks/sweep_gemv.py): on an
+# H200 the GEMV levels off near 3.4 TB/s on weights of 100 MB and more, where the tiled path and cuBLAS reach
+# 4.1-4.3 TB/s; up to 50 MB it wins. On the H100 it won at every Llama decode shape, up to the 1 GB lm_head.
+# Cards not listed: no limit.
+MAX_WEIGHT_BYTES = {"NVIDIA H200": 64 << 20}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +128,16 @@ def _gemv_kernel(
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether gemv_fwd takes these operands: at most GEMV_MAX_M rows, both with a contiguous K dim."""
-    return x.shape[0] <= GEMV_MAX_M and x.stride(1) == 1 and weight.stride(1) == 1
+    """Whether gemv_fwd takes these operands and beats the tensor-core path: at most GEMV_MAX_M rows, both with
+    a contiguous K dim, a weight within the card's MAX_WEIGHT_BYTES."""
+    weight_bytes = weight.numel() * weight.element_size()
+    return (x.shape[0] <= GEMV_MAX_M and x.stride(1) == 1 and weight.stride(1) == 1
+            and weight_bytes <= MAX_WEIGHT_BYTES.get(_card(weight.device), math.inf))
+
+
+@functools.cache
+def _card(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 @functools.lru_cache(maxsize=1024)
