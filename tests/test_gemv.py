@@ -95,9 +95,10 @@ def test_weights_past_the_cards_limit_take_the_tensor_core_path(monkeypatch, dev
     monkeypatch.setitem(gemv_module.MAX_WEIGHT_BYTES, "a card", 1 << 20)
     x = torch.randn(1, 1024, device=device)
     at_limit, past = (torch.empty(1, 1024, device=device).expand(rows, 1024) for rows in (256, 257))  # 4 B a value
-    assert supports(x, at_limit) and not supports(x, past)
+    assert gemv_module.preferred(x, at_limit) and not gemv_module.preferred(x, past)
+    assert supports(x, past)  # still runs there when called directly
     monkeypatch.delitem(gemv_module.MAX_WEIGHT_BYTES, "a card")
-    assert supports(x, past)  # an unlisted card: no limit
+    assert gemv_module.preferred(x, past)  # an unlisted card: no limit
 
 
 @pytest.mark.parametrize("M", [1, GEMV_MAX_M + 3])

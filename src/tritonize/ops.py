@@ -189,7 +189,7 @@ def _linear_op(
     out_shape = (*x.shape[:-1], weight.shape[0])
     x2d = x.reshape(-1, x.shape[-1])
     res2d = None if residual is None else residual.reshape(-1, weight.shape[0])
-    if _runs_triton(x) and gemv.supports(x2d, weight):  # decode sizes: a weight stream on CUDA cores
+    if _runs_triton(x) and gemv.preferred(x2d, weight):  # decode sizes: a weight stream on CUDA cores
         out = gemv.gemv_fwd(x2d, weight, bias, act, res2d)
     elif _runs_triton(x):
         tuned = _tuned_linear_config(x2d, weight, bias, act, res2d)
@@ -589,7 +589,7 @@ def _gated_mlp_op(
 ) -> torch.Tensor:
     intermediate = gate_up_weight.shape[0] // 2
     x2d = x.reshape(-1, x.shape[-1])
-    if _runs_triton(x) and gemv.supports(x2d, gate_up_weight):
+    if _runs_triton(x) and gemv.preferred(x2d, gate_up_weight):
         out = gemv.gemv_fwd(x2d, gate_up_weight, bias, activation, None, gated=True)
     else:
         out = (gated_mlp_fwd if _runs_triton(x) else reference.gated_mlp)(x2d, gate_up_weight, bias, activation)
@@ -665,7 +665,7 @@ def _rms_norm_linear_op(
     x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
 ) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
-    if _runs_triton(x) and gemv.supports(x2d, weight):  # one kernel: the norm in the weight stream's prologue
+    if _runs_triton(x) and gemv.preferred(x2d, weight):  # one kernel: the norm in the weight stream's prologue
         out = gemv.gemv_fwd(x2d, weight, bias, None, None, rms_norm_weight=norm_weight, rms_norm_eps=eps)
     else:
         out = _linear_op(_rms_norm_op(x2d, norm_weight, eps, "llama"), weight, bias, "none", None)
@@ -683,7 +683,7 @@ def _rms_norm_gated_mlp_op(
     bias: torch.Tensor | None, activation: str,
 ) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
-    if _runs_triton(x) and gemv.supports(x2d, gate_up_weight):
+    if _runs_triton(x) and gemv.preferred(x2d, gate_up_weight):
         out = gemv.gemv_fwd(x2d, gate_up_weight, bias, activation, None, gated=True, rms_norm_weight=norm_weight,
                             rms_norm_eps=eps)
     else:

@@ -128,11 +128,15 @@ def _gemv_kernel(
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether gemv_fwd takes these operands and beats the tensor-core path: at most GEMV_MAX_M rows, both with
-    a contiguous K dim, a weight within the card's MAX_WEIGHT_BYTES."""
+    """Whether gemv_fwd takes these operands: at most GEMV_MAX_M rows, both with a contiguous K dim."""
+    return x.shape[0] <= GEMV_MAX_M and x.stride(1) == 1 and weight.stride(1) == 1
+
+
+def preferred(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether tritonize.ops should run these operands through the GEMV: supported, and a weight within the
+    card's MAX_WEIGHT_BYTES (beyond it the tensor-core path is faster)."""
     weight_bytes = weight.numel() * weight.element_size()
-    return (x.shape[0] <= GEMV_MAX_M and x.stride(1) == 1 and weight.stride(1) == 1
-            and weight_bytes <= MAX_WEIGHT_BYTES.get(_card(weight.device), math.inf))
+    return supports(x, weight) and weight_bytes <= MAX_WEIGHT_BYTES.get(_card(weight.device), math.inf)
 
 
 @functools.cache
