@@ -5,7 +5,6 @@ import torch
 from helpers import assert_close, poisoned
 
 import tritonize
-from tritonize.kernels import decode_attention as decode_attention_module
 from tritonize.kernels import reference
 from tritonize.kernels.decode_attention import (
     MIN_SPLIT_KEYS,
@@ -118,66 +117,9 @@ def test_opcheck(device):
     q, k, v = make_inputs(2, 2, 1, 1, 20, 16, torch.float32, device)
     torch.library.opcheck(
         torch.ops.tritonize.decode_attention.default,
-        (q, k, v, lengths([20, 5], device), 0.25, lengths([0, 2], device), None),
+        (q, k, v, lengths([20, 5], device), 0.25, lengths([0, 2], device)),
         test_utils=("test_schema", "test_faketensor"),
     )
-    torch.library.opcheck(
-        torch.ops.tritonize.decode_attention.default,
-        (q, k, v, lengths([20, 5], device), 0.25, None, torch.zeros(4, dtype=torch.int32, device=device)),
-        test_utils=("test_schema", "test_faketensor"),
-    )
-
-
-# -- splits merged by the last one to finish (a workspace of arrival counters) -----------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "batch, heads, kv_heads, q_len, max_len, head_dim, seqlens, max_rows",
-    [
-        (3, 8, 2, 1, 130, 64, [130, 1, 57], 16),  # GQA, an empty split in the short rows
-        (2, 4, 1, 3, 100, 80, [2, 100], 16),  # MQA, a row with no key
-        (1, 8, 2, 5, 90, 32, [90], 16),  # 4 x 5 rows per group: two row blocks of 16, each with its own counter
-    ],
-)
-def test_merged_by_the_last_split(batch, heads, kv_heads, q_len, max_len, head_dim, seqlens, max_rows, dtype,
-                                  device):
-    q, k, v = make_inputs(batch, heads, kv_heads, q_len, max_len, head_dim, dtype, device)
-    seqlens = lengths(seqlens, device)
-    config = DecodeAttentionConfig(block_n=32, max_rows=max_rows, num_splits=3, num_warps=4, num_stages=1)
-    arrivals = torch.zeros(batch * heads * q_len, dtype=torch.int32, device=device)
-    for _ in range(2):  # the counters come back to zero: a second launch on them is right too
-        out = poisoned(q.shape, q.dtype, q.device)
-        decode_attention_fwd(q, k, v, seqlens, head_dim**-0.5, out=out, config=config, arrivals=arrivals)
-        assert_close(out, gold(q, k, v, seqlens, head_dim**-0.5), dtype)
-        assert not arrivals.any()
-
-
-def test_merge_in_the_launch_runs_no_merge_kernel(monkeypatch, device):
-    launched = []
-    real = decode_attention_module._merge_splits_kernel
-    monkeypatch.setattr(decode_attention_module, "_merge_splits_kernel",
-                        type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())
-    q, k, v = make_inputs(1, 4, 2, 1, 64, 16, torch.float32, device)
-    seqlens = lengths([64], device)
-    decode_attention_fwd(q, k, v, seqlens, 0.25, config=SPLITS)
-    assert len(launched) == 1
-    decode_attention_fwd(q, k, v, seqlens, 0.25, config=SPLITS, arrivals=torch.zeros(4, dtype=torch.int32,
-                                                                                     device=device))
-    assert len(launched) == 1
-
-
-def test_public_op_with_a_merge_workspace(device):
-    q, k, v = make_inputs(2, 4, 2, 1, 300, 32, torch.float32, device)
-    seqlens = lengths([300, 77], device)
-    workspace = torch.zeros(8, dtype=torch.int32, device=device)
-    out = tritonize.ops.decode_attention(q, k, v, seqlens, merge_workspace=workspace)
-    assert_close(out, gold(q, k, v, seqlens, 32**-0.5), torch.float32)
-    assert not workspace.any()
-    with pytest.raises(ValueError, match="at least batch \\* heads \\* q_len = 8"):
-        tritonize.ops.decode_attention(q, k, v, seqlens, merge_workspace=workspace[:7])
-    with pytest.raises(ValueError, match="merge_workspace must be int32"):
-        tritonize.ops.decode_attention(q, k, v, seqlens, merge_workspace=workspace.long())
 
 
 @pytest.mark.parametrize(

@@ -726,7 +726,7 @@ def rms_norm_gated_mlp(
 MAX_DECODE_QUERIES = 16
 
 
-@torch.library.custom_op("tritonize::decode_attention", mutates_args=("merge_workspace",))
+@torch.library.custom_op("tritonize::decode_attention", mutates_args=())
 def _decode_attention_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -734,15 +734,14 @@ def _decode_attention_op(
     cache_seqlens: torch.Tensor,
     scale: float,
     key_start: torch.Tensor | None,
-    merge_workspace: torch.Tensor | None,
 ) -> torch.Tensor:
     if _runs_triton(q):
-        return decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, key_start, arrivals=merge_workspace)
+        return decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale, key_start)
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, key_start)
 
 
 @_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, scale, key_start, merge_workspace):
+def _(q, k_cache, v_cache, cache_seqlens, scale, key_start):
     return q.new_empty(q.shape)
 
 
@@ -754,7 +753,6 @@ def decode_attention(
     *,
     scale: float | None = None,
     key_start: torch.Tensor | None = None,
-    merge_workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of 1 to 16 new tokens per sequence against a preallocated KV cache (flash-decoding).
 
@@ -765,10 +763,7 @@ def decode_attention(
     [batch], each sequence's first valid key (left padding). The lengths are read on the device only
     (no host sync: one CUDA graph serves every step); a length above max_len is the caller's bug and
     is clamped to max_len. Query rows with no valid key give zeros. Returns [batch, heads, q_len,
-    head_dim] in q's dtype. merge_workspace: optional int32 zeros on q's device, at least batch * heads *
-    q_len of them, which the call leaves zero: with it the key splits are merged in the same launch (one
-    kernel instead of two). Reuse one across calls that run one after the other on one stream (a decode
-    step's layers), never in two calls at the same time.
+    head_dim] in q's dtype.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, t, ndim=4)
@@ -805,11 +800,4 @@ def decode_attention(
         scale = 1.0 / math.sqrt(head_dim)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    if merge_workspace is not None:
-        _check_tensor("merge_workspace", merge_workspace, ndim=1)
-        _check_same_device(q.device, merge_workspace=merge_workspace)
-        if merge_workspace.dtype != torch.int32 or merge_workspace.numel() < batch * heads * q_len:
-            raise ValueError(f"merge_workspace must be int32 zeros, at least batch * heads * q_len = "
-                             f"{batch * heads * q_len} of them, got {merge_workspace.dtype} "
-                             f"[{merge_workspace.numel()}]")
-    return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, float(scale), key_start, merge_workspace)
+    return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, float(scale), key_start)

@@ -299,9 +299,6 @@ class DecoderEngine:
         # per sequence: its first valid key (after left padding) and its length, written by prefill
         self.key_start = torch.zeros(self.cache_batch, dtype=torch.int32, device=weight.device)
         self.cache_seqlens = torch.zeros(self.cache_batch, dtype=torch.int32, device=weight.device)
-        # decode attention's arrival counters (one step's layers run one after another: one set serves them all)
-        self.attention_workspace = torch.zeros(self.cache_batch * self.local_heads, dtype=torch.int32,
-                                               device=weight.device)
         if not self.gpt2:
             positions = torch.arange(self.cache_len, device=weight.device)[None]
             cos, sin = self.rotary_emb(weight[:1], positions)  # HF's own rope numerics (scaling types included)
@@ -420,7 +417,7 @@ class DecoderEngine:
         def attend(index, q):
             k_cache, v_cache = self.k_caches[index][:batch], self.v_caches[index][:batch]
             out = ops.decode_attention(q, k_cache, v_cache, seqlens, scale=self.layers[index].scale,
-                                       key_start=key_start, merge_workspace=self.attention_workspace)
+                                       key_start=key_start)
             return out.transpose(1, 2)  # one query token: [batch, 1, heads, dim] is still one block of memory
 
         h, rotation = self._embed(tokens[:, None], positions), self._rotation(positions)

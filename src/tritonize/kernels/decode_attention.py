@@ -2,8 +2,7 @@
 
 One program takes the query rows of every head of one kv head group (so GQA/MQA load K/V once per
 group) over one split of a sequence's keys and writes a partial (out, lse); a second kernel merges the
-splits, or (given a zeroed `arrivals` counter buffer) the last split of each row block to finish merges
-them in the same launch. Lengths are read from device memory, so one CUDA graph serves every step. Must never import
+splits. Lengths are read from device memory, so one CUDA graph serves every step. Must never import
 torch.fx, Dynamo or transformers.
 """
 
@@ -87,15 +86,14 @@ def _fold_keys(
 
 @triton.jit
 def _decode_attention_kernel(
-    Q_ptr, K_ptr, V_ptr, Seqlens_ptr, KeyStart_ptr, Out_ptr, PartOut_ptr, PartLse_ptr, Arrivals_ptr,
+    Q_ptr, K_ptr, V_ptr, Seqlens_ptr, KeyStart_ptr, Out_ptr, PartOut_ptr, PartLse_ptr,
     q_batch_stride, q_head_stride, q_seq_stride, q_dim_stride,
     k_batch_stride, k_head_stride, k_seq_stride, k_dim_stride,
     v_batch_stride, v_head_stride, v_seq_stride, v_dim_stride,
     out_batch_stride, out_head_stride, out_seq_stride,
     kv_heads, group, q_len, max_len, num_splits, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KEY_START: tl.constexpr, DIRECT: tl.constexpr, MERGE_LAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    HAS_KEY_START: tl.constexpr, DIRECT: tl.constexpr, INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Attention of BLOCK_M stacked (head, query) rows of one kv head group over one split of the keys.
 
@@ -105,10 +103,6 @@ def _decode_attention_kernel(
     DIRECT (one split): writes Out_ptr [batch, heads, q_len, HEAD_DIM] (last dim contiguous). Otherwise
     writes fp32 PartOut_ptr [batch * heads * q_len, num_splits, HEAD_DIM] and PartLse_ptr
     [batch * heads * q_len, num_splits] (log2 domain, -inf where the row saw no key).
-    MERGE_LAST (with splits): the last of a row block's splits to finish merges them all into Out_ptr, so no
-    merge kernel follows. Arrivals_ptr: int32 [grid axis 0], zeros; each split counts itself in its row
-    block's entry (atomic, after its partials are stored), the one that brings the count to num_splits
-    merges and sets the entry back to zero for the next launch.
     PDL: a programmatic dependent launch (common.py), waiting for the previous kernel before any access.
     """
     wait_for_previous_kernel(PDL)
@@ -162,44 +156,10 @@ def _decode_attention_kernel(
         out_ptrs = Out_ptr + off_b * out_batch_stride + head[:, None] * out_head_stride + qi[:, None] * out_seq_stride
         tl.store(out_ptrs + offs_d[None, :], cast(out, Out_ptr.dtype.element_ty), mask=mask_rd)
     else:
-        flat_rows = (off_b * kv_heads + off_kv_h) * group_rows + rows  # = (b * heads + head) * q_len + qi
-        part = flat_rows * num_splits + split
+        part = ((off_b * kv_heads + off_kv_h) * group_rows + rows) * num_splits + split
         tl.store(PartOut_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_rd)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(PartLse_ptr + part, lse, mask=row_ok)
-        if MERGE_LAST:
-            tl.debug_barrier()  # every thread's partials stored before this split counts itself
-            arrived = tl.atomic_add(Arrivals_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:  # the others' partials are visible (acquire): merge them all
-                merged = _merge_parts(PartOut_ptr, PartLse_ptr, flat_rows, row_ok, mask_rd, offs_d, num_splits,
-                                      HEAD_DIM, BLOCK_M, BLOCK_D)
-                out_ptrs = (Out_ptr + off_b * out_batch_stride + head[:, None] * out_head_stride
-                            + qi[:, None] * out_seq_stride)
-                tl.store(out_ptrs + offs_d[None, :], cast(merged, Out_ptr.dtype.element_ty), mask=mask_rd)
-                tl.atomic_xchg(Arrivals_ptr + pid, 0)
-
-
-@triton.jit
-def _merge_parts(PartOut_ptr, PartLse_ptr, rows, row_ok, mask_rd, offs_d, num_splits,
-                 HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """sum_s 2^lse_s PartOut_s / sum_s 2^lse_s of flat rows `rows` (BLOCK_R of them), the splits in order
-    (deterministic). Loads bypass L1 (".cg"): other programs of this launch may have written the partials."""
-    m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for split in range(0, num_splits):
-        part = rows * num_splits + split
-        lse = tl.load(PartLse_ptr + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        m_new = tl.maximum(m_i, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        weight = tl.math.exp2(lse - m_safe)
-        partial = tl.load(PartOut_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_rd, other=0.0,
-                          cache_modifier=".cg")
-        acc = acc * alpha[:, None] + weight[:, None] * partial
-        l_i = l_i * alpha + weight
-        m_i = m_new
-    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
 
 
 @triton.jit
@@ -209,14 +169,28 @@ def _merge_splits_kernel(
     heads, q_len, n_rows, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Out = the merge (`_merge_parts`) of the splits of BLOCK_R flat rows."""
+    """Out = sum_s 2^lse_s PartOut_s / sum_s 2^lse_s for BLOCK_R rows, the splits in order (deterministic)."""
     wait_for_previous_kernel(PDL)
     allow_next_kernel(PDL)
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < n_rows
     offs_d = tl.arange(0, BLOCK_D)
     mask_rd = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    out = _merge_parts(PartOut_ptr, PartLse_ptr, rows, row_ok, mask_rd, offs_d, num_splits, HEAD_DIM, BLOCK_R, BLOCK_D)
+    m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for split in range(0, num_splits):
+        part = rows * num_splits + split
+        lse = tl.load(PartLse_ptr + part, mask=row_ok, other=float("-inf"))
+        m_new = tl.maximum(m_i, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        weight = tl.math.exp2(lse - m_safe)
+        partial = tl.load(PartOut_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_rd, other=0.0)
+        acc = acc * alpha[:, None] + weight[:, None] * partial
+        l_i = l_i * alpha + weight
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     off_b = rows // (heads * q_len)
     off_h = (rows // q_len) % heads
     off_q = rows % q_len
@@ -262,13 +236,8 @@ def decode_attention_fwd(
     key_start: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: DecodeAttentionConfig | None = None,
-    arrivals: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launches the kernels; arguments as in `tritonize.ops.decode_attention` (validated there).
-
-    arrivals: int32 zeros, at least batch * heads * q_len of them, left zero again: with it, the last split
-    of each row block merges the splits in the same launch (no merge kernel). It must not be in use by
-    another launch at the same time."""
+    """Launches the kernels; arguments as in `tritonize.ops.decode_attention` (validated there)."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     if out is None:
@@ -281,10 +250,6 @@ def decode_attention_fwd(
     programs = batch * kv_heads * triton.cdiv(group * q_len, block_m)
     num_splits = config.num_splits or default_num_splits(programs, max_len, q.device)
     direct = num_splits == 1
-    merge_last = not direct and arrivals is not None
-    if merge_last and (arrivals.dtype != torch.int32 or arrivals.numel() < programs):
-        raise ValueError(f"arrivals must be int32 with at least {programs} elements, got {arrivals.dtype} "
-                         f"with {arrivals.numel()}")
     if direct:  # the kernel never touches the workspace: any tensor stands in
         part_out = part_lse = out
     else:
@@ -295,15 +260,14 @@ def decode_attention_fwd(
 
     _decode_attention_kernel[(programs, num_splits)](
         q, k_cache, v_cache, cache_seqlens, cache_seqlens if key_start is None else key_start,
-        out, part_out, part_lse, arrivals if merge_last else cache_seqlens,
+        out, part_out, part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride()[:3],
         kv_heads, group, q_len, max_len, num_splits, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        HAS_KEY_START=key_start is not None, DIRECT=direct, MERGE_LAST=merge_last,
-        INPUT_PRECISION=dot_precision(q.dtype), PDL=pdl,
+        HAS_KEY_START=key_start is not None, DIRECT=direct, INPUT_PRECISION=dot_precision(q.dtype), PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
-    if not direct and not merge_last:
+    if not direct:
         n_rows = batch * heads * q_len
         block_r = 64 if INTERPRETED else 16
         _merge_splits_kernel[(triton.cdiv(n_rows, block_r),)](
