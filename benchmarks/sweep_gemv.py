@@ -39,8 +39,8 @@ SHAPES = {
                  ("lm_head", 128256, 4096, "norm")],
 }
 SWEEP = [GemvConfig(block_n, block_k, warps, num_stages=1)  # the loop is double-buffered by hand: stages change nothing
-         for block_n in (2, 4, 8, 16) for block_k in (512, 1024, 2048)
-         for warps in (4, 8) if 2048 <= block_n * block_k <= 16384]
+         for block_n in (1, 2, 4, 8, 16) for block_k in (256, 512, 1024, 2048)
+         for warps in (1, 2, 4, 8) if 1024 <= block_n * block_k <= 16384 and block_k >= 32 * warps * 8]
 L2_MULTIPLE = 3
 
 
