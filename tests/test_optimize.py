@@ -72,6 +72,19 @@ def test_buckets_cover_many_lengths_without_recompiling(device):
         model(torch.randint(3, 100, (1, 65), device=device))
 
 
+def test_batch_one_first_then_larger_batches_share_one_trace(device):
+    """A first call at batch 1 keeps the batch symbolic (size-oblivious tracing), so the first larger batch
+    captures a graph without tracing again; every batch still equals the eager model."""
+    reference, model = model_pair("bert", device)
+    tritonize.optimize_model(model)
+    with torch.inference_mode():
+        for batch, seq in ((1, 12), (2, 12), (3, 20), (1, 5)):
+            ids = torch.randint(3, 100, (batch, seq), device=device)
+            got = model(ids).last_hidden_state
+            assert_close(got, reference(ids).last_hidden_state, torch.float32, scale=10)
+    assert tritonize.report(model).compiles == 1
+
+
 def test_verify_catches_a_broken_kernel(device, monkeypatch):
     _, model = model_pair("bert", device)
     real_linear = tritonize.ops.linear_fwd

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from tritonize import tuning
 from tritonize.kernels.reference import RELATIVE_TOLERANCE
@@ -49,12 +50,22 @@ def _target(model: torch.nn.Module) -> torch.nn.Module:
 
 def _mark_batch_and_seq_dynamic(values) -> None:
     """Symbolic batch and sequence sizes from the first trace on, so one graph serves every bucket (a new
-    bucket costs a CUDA-graph capture, not a recompile). Sizes 0 and 1 stay specialized (TorchDynamo's
-    rule): batch 1 and batches above 1 are one trace each."""
+    bucket costs a CUDA-graph capture, not a recompile). Traced under `_one_trace_for_size_one`, a first
+    call at batch 1 does not specialize the batch either."""
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
             torch._dynamo.maybe_mark_dynamic(value, 0)
             torch._dynamo.maybe_mark_dynamic(value, 1)
+
+
+def _one_trace_for_size_one():
+    """TorchDynamo specializes sizes 0 and 1, so a model first called at batch 1 was traced again at its first
+    larger batch (4.4 s of warm-up for that bucket on an H100). Size-oblivious reasoning about backed sizes
+    keeps a size-1 dim symbolic: one trace for every batch. Scoped to tritonize's own compiled calls; where
+    this PyTorch lacks the setting, the second trace stays."""
+    if hasattr(fx_config, "backed_size_oblivious"):
+        return fx_config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
 
 
 def _repeated_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
@@ -72,7 +83,8 @@ def _compile_blocks(blocks: torch.nn.ModuleList, backend) -> None:
     for block in blocks:
         def block_forward(*args, block=block, **kwargs):
             _mark_batch_and_seq_dynamic((*args, *kwargs.values()))
-            return compiled(block, *args, **kwargs)
+            with _one_trace_for_size_one():
+                return compiled(block, *args, **kwargs)
 
         block.forward = block_forward
 
@@ -100,7 +112,8 @@ def _compiled_forward(target: torch.nn.Module, report: Report) -> tuple[Callable
 
     def forward_with_dynamic_shapes(**inputs):
         _mark_batch_and_seq_dynamic(inputs.values())
-        return compiled(**inputs)
+        with _one_trace_for_size_one():
+            return compiled(**inputs)
 
     return forward_with_dynamic_shapes, None
 
