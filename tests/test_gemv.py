@@ -91,7 +91,7 @@ def test_supports_and_errors(device):
 
 def test_weights_past_the_cards_limit_take_the_tensor_core_path(monkeypatch, device):
     """A card listed in MAX_WEIGHT_BYTES keeps its larger weights off the GEMV; the size counts every row."""
-    monkeypatch.setattr(gemv_module, "_card", lambda device: "a card")
+    monkeypatch.setattr(gemv_module, "card_name", lambda device: "a card")
     monkeypatch.setitem(gemv_module.MAX_WEIGHT_BYTES, "a card", 1 << 20)
     x = torch.randn(1, 1024, device=device)
     at_limit, past = (torch.empty(1, 1024, device=device).expand(rows, 1024) for rows in (256, 257))  # 4 B a value

@@ -9,7 +9,6 @@ plain-PyTorch reference does. Bad input raises TypeError or ValueError here, bef
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import triton.testing
 from tritonize import tuning
 from tritonize.kernels import gemv, reference
 from tritonize.kernels.attention import flash_attention_fwd
-from tritonize.kernels.common import INTERPRETED
+from tritonize.kernels.common import INTERPRETED, card_name
 from tritonize.kernels.decode_attention import decode_attention_fwd
 from tritonize.kernels.gated_mlp import gated_mlp_fwd
 from tritonize.kernels.linear import (
@@ -202,11 +201,6 @@ def _linear_op(
     return out.reshape(out_shape)
 
 
-@functools.cache
-def _card(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "triton-interpreter"
-
-
 # A linear tuning entry {"backend": "cublas"}: torch's matmul (cuBLAS) then the Triton epilogue kernel beat
 # every tiled config at that shape (mid-sized prefill GEMMs on an H100, where cuBLAS's Hopper kernels win).
 CUBLAS = "cublas"
@@ -228,7 +222,7 @@ def _tuned_linear_config(x2d, weight, bias, activation, residual) -> LinearConfi
     candidates and the cuBLAS route are timed first and the fastest stored; otherwise None: the kernel's
     shape heuristic."""
     (M, K), N = x2d.shape, weight.shape[0]
-    card = _card(x2d.device)
+    card = card_name(x2d.device)
     key = (f"M{max(16, 1 << (M - 1).bit_length())} N{N} K{K} {str(x2d.dtype).removeprefix('torch.')} "
            f"{activation or 'none'} bias={bias is not None} residual={residual is not None}")
     entry = tuning.cache().get("linear", card, key)

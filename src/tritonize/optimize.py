@@ -33,6 +33,7 @@ DEFAULT_MAX_SEQ_LEN = 512  # for models whose config names no maximum
 MIN_RECOMPILE_LIMIT = 64
 # End-to-end tolerance of verify mode: the kernels' per-op tolerance, compounded over the layers.
 VERIFY_TOLERANCE_FACTOR = 20
+_HAS_SIZE_OBLIVIOUS = hasattr(fx_config, "backed_size_oblivious")  # see _one_trace_for_size_one
 
 
 def _target(model: torch.nn.Module) -> torch.nn.Module:
@@ -63,7 +64,7 @@ def _one_trace_for_size_one():
     larger batch (4.4 s of warm-up for that bucket on an H100). Size-oblivious reasoning about backed sizes
     keeps a size-1 dim symbolic: one trace for every batch. Scoped to tritonize's own compiled calls; where
     this PyTorch lacks the setting, the second trace stays."""
-    if hasattr(fx_config, "backed_size_oblivious"):
+    if _HAS_SIZE_OBLIVIOUS:
         return fx_config.patch(backed_size_oblivious=True)
     return contextlib.nullcontext()
 

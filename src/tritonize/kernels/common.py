@@ -40,6 +40,13 @@ def cast(value, dtype: tl.constexpr):
     return value.to(dtype)
 
 
+@functools.cache
+def card_name(device: torch.device) -> str:
+    """What per-card tables (the tuning cache, gemv.MAX_WEIGHT_BYTES) are keyed by: the CUDA device's name, or
+    "triton-interpreter" for CPU tensors."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "triton-interpreter"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's matmul setting (exact "ieee" unless TF32 was allowed)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

@@ -26,7 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels.common import INTERPRETED, allow_next_kernel, cast, pdl_supported, wait_for_previous_kernel
+from tritonize.kernels.common import (
+    INTERPRETED,
+    allow_next_kernel,
+    card_name,
+    cast,
+    pdl_supported,
+    wait_for_previous_kernel,
+)
 from tritonize.kernels.gated_mlp import _gated_epilogue
 from tritonize.kernels.linear import _epilogue
 
@@ -136,12 +143,7 @@ def preferred(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether tritonize.ops should run these operands through the GEMV: supported, and a weight within the
     card's MAX_WEIGHT_BYTES (beyond it the tensor-core path is faster)."""
     weight_bytes = weight.numel() * weight.element_size()
-    return supports(x, weight) and weight_bytes <= MAX_WEIGHT_BYTES.get(_card(weight.device), math.inf)
-
-
-@functools.cache
-def _card(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return supports(x, weight) and weight_bytes <= MAX_WEIGHT_BYTES.get(card_name(weight.device), math.inf)
 
 
 @functools.lru_cache(maxsize=1024)
