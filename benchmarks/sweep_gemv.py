@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the 1.7 GB shapes at M = 1 only")
     args = parser.parse_args()
     dtype, card = torch.bfloat16, torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.UTC).isoformat()
     gbps = copy_bandwidth()
     print(f"{card}: copy bandwidth {gbps / 1e12:.2f} TB/s; {len(SWEEP)} GEMV configs")
     results = []
@@ -158,8 +160,9 @@ def main() -> None:
                       f"{fmt(r['gemv_best'])} {r['gemv_best']['config']} | pdl {fmt(r['gemv_best_pdl'])} "
                       f"heur pdl {fmt(r['gemv_heuristic_pdl'])}", flush=True)
                 # rewritten after every case: a run cut short keeps what it measured
-                path.write_text(json.dumps({"card": card, "copy_bandwidth_bytes_per_s": gbps, "results": results},
-                                           indent=1))
+                path.write_text(json.dumps({"card": card, "date": date, "torch": torch.__version__,
+                                            "triton": triton.__version__, "copy_bandwidth_bytes_per_s": gbps,
+                                            "results": results}, indent=1))
     print(f"wrote {path}")
 
 
