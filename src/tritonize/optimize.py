@@ -233,6 +233,7 @@ def optimize_model(
         mask_name="attention_mask" if "attention_mask" in signature.parameters else None,
         device=parameter.device,
         pool=torch.cuda.graph_pool_handle() if cuda_graphs and on_cuda else None,
+        parallel_compile=not tune,  # tuning times real launches, which a discovery run would skip
     )
     target.forward = runner
     target._tritonize_report = found

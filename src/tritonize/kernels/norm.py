@@ -104,15 +104,15 @@ def _rms_norm_fwd_kernel(
     _store_rows(Y_ptr, y, rows, cols, mask, y_row_stride)
 
 
-def launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+def launch_config(n_rows: int, n_cols: int, min_elements: int = MIN_ELEMENTS_PER_PROGRAM) -> tuple[int, int, int]:
     """(BLOCK_SIZE, ROWS_PER_PROGRAM, num_warps) for whole rows in registers.
 
-    One program covers a full row; short rows are grouped until a program holds about
-    MIN_ELEMENTS_PER_PROGRAM elements, so that each moves enough bytes to hide memory latency.
+    One program covers a full row; short rows are grouped until a program holds about min_elements
+    elements, so that each moves enough bytes to hide memory latency.
     Warps grow with the elements per program (up to 16), so a thread holds at most 32 of them.
     """
     block_size = triton.next_power_of_2(n_cols)
-    rows = min(max(1, MIN_ELEMENTS_PER_PROGRAM // block_size), triton.next_power_of_2(max(n_rows, 1)))
+    rows = min(max(1, min_elements // block_size), triton.next_power_of_2(max(n_rows, 1)))
     elements = rows * block_size
     num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16
     return block_size, rows, num_warps

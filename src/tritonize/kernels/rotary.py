@@ -17,6 +17,7 @@ import triton.language as tl
 from tritonize.kernels.common import INTERPRETED, allow_next_kernel, cast, pdl_supported, wait_for_previous_kernel
 from tritonize.kernels.norm import launch_config
 
+ROTARY_ELEMENTS_PER_PROGRAM = 4096  # per program on the GPU, as measured for decode (docs/kernels.md)
 INTERPRETER_ELEMENTS_PER_PROGRAM = 2**16  # few, big programs keep CPU tests fast
 
 
@@ -186,8 +187,9 @@ def _rotary_cache_write_kernel(
 
 
 def default_config(n_rows: int, head_dim: int) -> RotaryConfig:
-    """About 4096 elements per program on the GPU (norm.launch_config's rule), far more under the interpreter."""
-    block_d, rows, num_warps = launch_config(n_rows, head_dim)
+    """About 4096 elements per program on the GPU (norm.launch_config's rule with the grouping rotary was
+    measured with), far more under the interpreter."""
+    block_d, rows, num_warps = launch_config(n_rows, head_dim, ROTARY_ELEMENTS_PER_PROGRAM)
     if INTERPRETED:
         rows = min(triton.next_power_of_2(max(n_rows, 1)), max(1, INTERPRETER_ELEMENTS_PER_PROGRAM // block_d))
     return RotaryConfig(rows, num_warps)

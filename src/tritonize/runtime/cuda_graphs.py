@@ -1,7 +1,9 @@
 """The bucketed runner: pads each call to its shape bucket and replays that bucket's CUDA graph.
 
 One graph per (bucket, call signature), captured on first use from static input buffers; all graphs
-share one memory pool. Outputs are copied out for the caller unless asked otherwise. Calls are
+share one memory pool. Before a new bucket's warm-up runs, a discovery run finds the Triton kernels the
+bucket still needs and compiles them in parallel (`tritonize.kernels.compile`; opt out with
+TRITONIZE_PARALLEL_COMPILE=0). Outputs are copied out for the caller unless asked otherwise. Calls are
 serialized by a lock (the static buffers are shared). Must never import triton or transformers.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -16,11 +19,21 @@ from dataclasses import dataclass
 
 import torch
 
+from tritonize import tuning
+from tritonize.kernels.compile import compile_in_parallel
 from tritonize.runtime.buckets import ShapeBuckets, clone_outputs, pad_to, slice_outputs
 
 logger = logging.getLogger("tritonize")
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (Dynamo compiles, kernels load)
+# "0" (or false/no/off) turns off the parallel compile of a new bucket's kernels: they then compile one
+# after another during the first warm-up run, as Triton does by itself
+PARALLEL_COMPILE_ENV = "TRITONIZE_PARALLEL_COMPILE"
+
+
+def parallel_compile_enabled() -> bool:
+    """False when $TRITONIZE_PARALLEL_COMPILE is 0, false, no or off (read at every new bucket)."""
+    return os.environ.get(PARALLEL_COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class VerificationError(RuntimeError):
@@ -43,6 +56,9 @@ class BucketedRunner:
     `mask_name` (if the model takes an attention mask) is created as ones for the real tokens when the
     caller gives none, so padding never reaches the real outputs. Runs without autograd (outputs do
     not require grad), whether or not the caller is inside torch.no_grad / inference_mode.
+    parallel_compile: before a new bucket's warm-up runs, compile the Triton kernels it still needs in
+    parallel (a discovery run through `compiled` that skips their launches, see
+    `tritonize.kernels.compile.compile_in_parallel`); pass False when `compiled` times kernels (tuning).
     """
 
     def __init__(
@@ -59,6 +75,7 @@ class BucketedRunner:
         mask_name: str | None,
         device: torch.device,
         pool: object = None,
+        parallel_compile: bool = True,
     ) -> None:
         self.compiled, self.original, self.signature = compiled, original, signature
         self.buckets, self.cuda_graphs, self.copy_outputs = buckets, cuda_graphs, copy_outputs
@@ -68,6 +85,7 @@ class BucketedRunner:
             device.type == "cuda" and device.index is None) else device
         self.after_new_bucket = after_new_bucket
         self.pool = pool
+        self.parallel_compile = parallel_compile
         self.captures = 0
         self._entries: dict[tuple, _Bucket] = {}
         self._lock = threading.Lock()
@@ -127,6 +145,7 @@ class BucketedRunner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
+            self._compile_kernels_in_parallel(entry.inputs, static_args, padded)
             for _ in range(WARMUP_RUNS):
                 self.compiled(**entry.inputs, **static_args)
         torch.cuda.current_stream().wait_stream(side)
@@ -136,6 +155,22 @@ class BucketedRunner:
         self.captures += 1
         logger.info("tritonize: captured bucket batch=%d seq=%d in %.2f s", *padded, time.perf_counter() - start)
         return entry
+
+    def _compile_kernels_in_parallel(self, inputs: dict[str, torch.Tensor], static_args: dict,
+                                     padded: tuple[int, int]) -> int:
+        """A discovery run of `compiled` that skips (and records) every Triton launch needing a compile, then
+        those compiles in a thread pool; returns how many kernels it compiled. Skipped launches leave their
+        outputs unwritten, which is safe for an encoder forward: its indices come from the inputs (see
+        compile_in_parallel). Not while tuning (it times real launches) nor inside a CUDA-graph capture."""
+        if not (self.parallel_compile and parallel_compile_enabled()) or tuning.is_autotuning():
+            return 0
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return 0
+        start = time.perf_counter()
+        compiled = compile_in_parallel(lambda: self.compiled(**inputs, **static_args))
+        logger.info("tritonize: bucket batch=%d seq=%d: compiled %d kernels in parallel in %.2f s", *padded,
+                    compiled, time.perf_counter() - start)
+        return compiled
 
     def _run(self, entry: _Bucket, inputs: dict[str, torch.Tensor], static_args: dict):
         if entry.graph is None:
