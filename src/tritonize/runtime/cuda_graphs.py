@@ -4,7 +4,8 @@ One graph per (bucket, call signature), captured on first use from static input 
 share one memory pool. Before a new bucket's warm-up runs, a discovery run finds the Triton kernels the
 bucket still needs and compiles them in parallel (`tritonize.kernels.compile`; opt out with
 TRITONIZE_PARALLEL_COMPILE=0). Outputs are copied out for the caller unless asked otherwise. Calls are
-serialized by a lock (the static buffers are shared). Must never import triton or transformers.
+serialized by a lock (the static buffers are shared). Imports neither triton (only tritonize.kernels.compile does)
+nor transformers.
 """
 
 from __future__ import annotations
