@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -104,11 +105,12 @@ def first_call_seconds(model_name: str, batch: int = 1, seq: int = 16) -> float:
     return time.perf_counter() - start
 
 
-def first_call_in_new_process(model_name: str) -> tuple[float, float]:
-    """first_call_seconds in two new Python processes, one after the other: (first, second). The second is
-    what a restarted server pays with warm caches on disk (Triton's compiled kernels, tritonize's tuning
-    cache); the first may still compile kernels this process compiled into another Triton cache folder.
-    Imports are excluded. The subprocesses get Triton's cache folder as it was when this process started."""
+def first_call_in_new_process(model_name: str, warm_runs: int = 3) -> tuple[float, list[float]]:
+    """first_call_seconds in new Python processes, one after the other: (the first one's, the next
+    `warm_runs`'). Those next ones are what a restarted server pays with warm caches on disk (Triton's
+    compiled kernels, tritonize's tuning cache); the first may still compile kernels this process compiled
+    into another Triton cache folder. Imports are excluded. The subprocesses get Triton's cache folder as it
+    was when this process started."""
     code = ("import json, sys; from tritonize.bench.models import first_call_seconds; "
             f"print(json.dumps(first_call_seconds({model_name!r})))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}
@@ -119,7 +121,8 @@ def first_call_in_new_process(model_name: str) -> tuple[float, float]:
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         return float(result.stdout.strip().splitlines()[-1])
 
-    return once(), once()
+    first = once()
+    return first, [once() for _ in range(warm_runs)]
 
 
 def many_lengths(model_name: str, calls: int = 50, seed: int = 0) -> dict:
@@ -189,10 +192,12 @@ def run(model_name: str, shapes=SHAPES, max_autotune: bool = False, tune: bool =
                          f"error {error:.1e}")
     lengths = many_lengths(model_name)
     progress(f"50 random lengths at batch 1: {lengths}")
-    first_process, warm = first_call_in_new_process(model_name)
-    progress(f"first call in a new process: {first_process:.2f} s; in the next one, with warm caches: {warm:.2f} s")
+    first_process, warm_runs = first_call_in_new_process(model_name)
+    warm = statistics.median(warm_runs)
+    progress(f"first call in a new process: {first_process:.2f} s; in the next {len(warm_runs)}, with warm caches: "
+             f"{', '.join(f'{t:.2f}' for t in warm_runs)} s (median {warm:.2f} s)")
     return {"rows": rows, "model": model_name, "many_lengths": lengths, "new_process_first_call_s": warm,
-            "first_new_process_first_call_s": first_process}
+            "new_process_first_call_runs_s": warm_runs, "first_new_process_first_call_s": first_process}
 
 
 def accuracy_on_cpu(model_name: str, batch: int = 2, seq: int = 12) -> float:
