@@ -106,11 +106,11 @@ def first_call_seconds(model_name: str, batch: int = 1, seq: int = 16) -> float:
 
 
 def first_call_in_new_process(model_name: str, warm_runs: int = 3) -> tuple[float, list[float]]:
-    """first_call_seconds in new Python processes, one after the other: (the first one's, the next
-    `warm_runs`'). Those next ones are what a restarted server pays with warm caches on disk (Triton's
-    compiled kernels, tritonize's tuning cache); the first may still compile kernels this process compiled
-    into another Triton cache folder. Imports are excluded. The subprocesses get Triton's cache folder as it
-    was when this process started."""
+    """first_call_seconds in new Python processes, one after the other; returns (seconds in the first, seconds
+    in each of the `warm_runs` after it). Those later ones are what a restarted server pays with warm caches
+    on disk (Triton's compiled kernels, tritonize's tuning cache); the first may still compile kernels that
+    this process compiled into another Triton cache folder. Imports are excluded. The subprocesses get
+    Triton's cache folder as it was when this process started."""
     code = ("import json, sys; from tritonize.bench.models import first_call_seconds; "
             f"print(json.dumps(first_call_seconds({model_name!r})))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}
