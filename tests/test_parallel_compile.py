@@ -147,9 +147,19 @@ class FakeJitFunction:
 
 @pytest.fixture
 def as_if_compiled(monkeypatch):
-    """Discovery enabled on this machine (as on a GPU with compiled Triton), no hook installed."""
+    """Discovery enabled on this machine (as on a GPU with compiled Triton), no hook installed, and this
+    module's kernels discovered as tritonize's own are."""
     monkeypatch.setattr(parallel, "_discovery_possible", lambda: True)
     monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", None)
+    monkeypatch.setattr(parallel, "DISCOVERED_MODULES", ("tritonize.", __name__))
+
+
+def test_kernels_outside_tritonize_launch_during_discovery(as_if_compiled, monkeypatch):
+    """A user's kernel (a module not in DISCOVERED_MODULES) may feed an index: it compiles and runs."""
+    monkeypatch.setattr(parallel, "DISCOVERED_MODULES", ("tritonize.",))
+    fake, seen = FakeJitFunction(), []
+    assert compile_in_parallel(lambda: seen.append(fake.launch("user", {}))) == 0
+    assert seen == ["launched"] and fake.preloaded == []
 
 
 def test_discovery_skips_records_and_compiles_in_threads(as_if_compiled, caplog):
@@ -234,6 +244,7 @@ def scale(x: torch.Tensor, factor: int, out: torch.Tensor | None = None) -> torc
 
 @pytest.mark.gpu
 def test_compiles_kernels_in_parallel_without_launching_them(monkeypatch):
+    monkeypatch.setattr(parallel, "DISCOVERED_MODULES", ("tritonize.", __name__))
     compiles = []
     monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", lambda **kwargs: compiles.append(kwargs["key"]))
     kernel_cache = _scale_kernel.device_caches[torch.cuda.current_device()][0]
@@ -270,6 +281,7 @@ class Scaled(torch.nn.Module):
 
 @pytest.mark.gpu
 def test_runner_compiles_a_new_bucket_in_parallel(monkeypatch, caplog, graph_captures):
+    monkeypatch.setattr(parallel, "DISCOVERED_MODULES", ("tritonize.", __name__))
     caplog.set_level(logging.INFO, logger="tritonize")
     x = torch.randn(2, 7, device="cuda")
     for factor, env, expected in zip(fresh_factors(2), ("1", "0"), (1, None), strict=True):

@@ -30,6 +30,10 @@ from tritonize.kernels.common import INTERPRETED
 logger = logging.getLogger("tritonize")
 
 MAX_WORKERS = 8
+# Only kernels defined in these modules are skipped and compiled in parallel: tritonize's own, whose outputs
+# are never used as indices (see compile_in_parallel). Any other Triton kernel, e.g. one in a user's pattern,
+# compiles and launches during the discovery run as it would without it.
+DISCOVERED_MODULES: tuple[str, ...] = ("tritonize.",)
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ def _skip_and_record(*, fn, compile, **_) -> bool | None:
         return None
     if _capturing():
         return None  # a launch being captured into a CUDA graph must really be recorded
+    if not str(fn.module).startswith(DISCOVERED_MODULES):
+        return None  # not tritonize's: its garbage output might feed an index, so it really runs
     data = compile["specialization_data"]
     if not _preload_is_faithful(compile["constants"], data):
         logger.debug("tritonize: %s compiles during discovery (its constexprs do not survive JSON)", fn.name)
@@ -142,7 +148,8 @@ def compile_in_parallel(run: Callable[[], object], workers: int | None = None) -
     """Calls `run()` once as a discovery run, then compiles in `workers` threads (default min(8, CPU count))
     every Triton kernel variant it would have compiled; returns how many are now in Triton's in-memory cache.
 
-    During the discovery run, a launch whose kernel variant is not compiled yet is recorded and skipped:
+    During the discovery run, a launch of a kernel from DISCOVERED_MODULES (tritonize's own) whose variant is
+    not compiled yet is recorded and skipped:
     nothing is compiled and nothing is launched, so that kernel's outputs keep whatever the memory held.
     Launches of variants already compiled run as usual. `run`'s result is discarded; an exception it raises
     is logged at debug level and ends the discovery early (what was recorded is still compiled): the real
@@ -160,7 +167,8 @@ def compile_in_parallel(run: Callable[[], object], workers: int | None = None) -
     rotary kernels index by shapes and strides only; no op reads device data on the host. Encoder forwards
     (what `optimize_model`'s bucketed runner discovers) take their indices from the caller's inputs (input
     ids, attention masks, positions): safe. A decode loop that feeds tokens chosen from the model's output
-    back into its embedding is not (generation/ does not use this).
+    back into its embedding is not (generation/ does not use this). Kernels from other modules (a user's own
+    Triton kernels in a custom pattern) are never skipped: they compile and launch as usual.
 
     A no-op returning 0, without calling `run`, when discovery cannot work: Triton runs interpreted
     (TRITON_INTERPRET=1) or CUDA is unavailable, another jit_cache_hook is installed, this thread is
