@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import assert_close, poisoned
@@ -150,6 +152,7 @@ SMALL_PERSISTENT = LinearConfig(32, 32, 32, group_m=2, persistent=True)
         (33, 40, 64, torch.float32, LinearConfig(16, 16, 16, group_m=2, persistent=True)),
         (33, 257, 136, torch.float16, SMALL_PERSISTENT),
         (200, 40, 300, torch.float32, SMALL_PERSISTENT),
+        (200, 257, 296, torch.float16, dataclasses.replace(SMALL_PERSISTENT, programs_per_sm=2)),
         (200, 257, 296, torch.bfloat16, None),  # the heuristic's tiles
     ],
 )
@@ -161,9 +164,10 @@ def test_persistent_odd_shapes(M, N, K, dtype, config, device, launches):
     _check_fwd(x, weight, b, "gelu", r, config)
     sm_count = linear_module._device_limits(torch.device(device))[0]
     tiles = linear_module._num_tiles(config, M, N)
-    assert launches == [("_linear_persistent_kernel", (min(sm_count, tiles),))]
+    programs = sm_count * config.programs_per_sm
+    assert launches == [("_linear_persistent_kernel", (min(programs, tiles),))]
     if device == "cpu":
-        assert tiles > 2 * sm_count, "each program should loop over several tiles"
+        assert tiles > 2 * programs, "each program should loop over several tiles"
 
 
 @pytest.mark.parametrize(
@@ -222,6 +226,8 @@ def test_persistent_config_rules(device):
     decode and split-K keep their kernels."""
     with pytest.raises(ValueError):
         LinearConfig(128, 128, 64, split_k=2, persistent=True)
+    with pytest.raises(ValueError, match="programs_per_sm"):
+        LinearConfig(128, 128, 64, programs_per_sm=2)  # the tiled kernel's grid has one program per tile
     dev = torch.device(device)
     sm_count, _, has_tma = linear_module._device_limits(dev)
     for M, N, K in [(16, 64, 4096), (17, 64, 4096), (65, 128, 64), (1024, 3072, 768), (128, 3072, 768)]:
