@@ -1,7 +1,7 @@
 """Fused linear layer: activation(x @ weight^T + bias) + residual with fp32 accumulation.
 
 Three launch shapes share one epilogue (bias, activation, residual, store):
-- a persistent matmul for M > 16 (one program per SM looping over output tiles, x and weight tiles
+- a persistent matmul for M > 16 (one or two programs per SM looping over output tiles, x and weight tiles
   loaded through tensor descriptors, i.e. TMA on Hopper) when x and weight allow TMA;
 - a grouped, tiled pointer matmul for every other layout, and the split-K path for few tiles;
 - skinny 16-row tiles split over K for decode (M <= 16).
