@@ -162,10 +162,9 @@ class BucketedRunner:
         """A discovery run of `compiled` that skips (and records) every Triton launch needing a compile, then
         those compiles in a thread pool; returns how many kernels it compiled. Skipped launches leave their
         outputs unwritten, which is safe for an encoder forward: its indices come from the inputs (see
-        compile_in_parallel). Not while tuning (it times real launches) nor inside a CUDA-graph capture."""
+        compile_in_parallel, which also steps aside inside a CUDA-graph capture). Not while tuning: it times
+        real launches."""
         if not (self.parallel_compile and parallel_compile_enabled()) or tuning.is_autotuning():
-            return 0
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return 0
         start = time.perf_counter()
         compiled = compile_in_parallel(lambda: self.compiled(**inputs, **static_args))
