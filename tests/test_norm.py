@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from helpers import assert_close, poisoned
 
-from tritonize import ops
+from tritonize import ops, tuning
 from tritonize.kernels import reference
-from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
+from tritonize.kernels.norm import _layer_norm_fwd_kernel, launch_config, layer_norm_fwd, rms_norm_fwd
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = [(m, n) for n in (1, 33, 257, 1000) for m in (1, 33)] + [(33, 4099)]
@@ -55,6 +56,38 @@ def test_layer_norm_kernel(shape, dtype, with_residual, device):
     assert y is out and h is residual_out
     refs = reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5, _f64(residual))
     _check((y, h), refs, dtype, with_residual)
+
+
+@pytest.mark.parametrize("kernel", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_not_kept(kernel, dtype, device):
+    """keep_sum=False: the norm of x + residual as before, and no h."""
+    x, residual, params = _inputs((33, 257), dtype, device, True, n_params=2 if kernel == "layer_norm" else 1)
+    out = poisoned(x.shape, dtype, device)
+    if kernel == "layer_norm":
+        y, h = layer_norm_fwd(x, *params, 1e-5, residual, out=out, keep_sum=False)
+        y_ref, _ = reference.layer_norm(x.double(), *(p.double() for p in params), 1e-5, residual.double())
+    else:
+        y, h = rms_norm_fwd(x, *params, 1e-6, residual, "llama", out=out, keep_sum=False)
+        y_ref, _ = reference.rms_norm(x.double(), params[0].double(), 1e-6, residual.double(), "llama")
+    assert y is out and h is None
+    assert_close(y, y_ref, dtype)
+
+
+def test_kernel_writes_no_sum_without_store_sum(device):
+    """STORE_SUM=False leaves the h buffer as it was (the kernel saves that write, it does not just discard it)."""
+    (n_rows, n_cols), dtype = (5, 40), torch.float32
+    x, residual, (weight, bias) = _inputs((n_rows, n_cols), dtype, device, True, n_params=2)
+    y, h = poisoned(x.shape, dtype, device), poisoned(x.shape, dtype, device)
+    block_size, rows_per_program, num_warps = launch_config(n_rows, n_cols)
+    _layer_norm_fwd_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        x, residual, y, h, weight, bias, n_cols, n_cols, n_cols, n_cols, n_rows, n_cols, 1e-5,
+        HAS_RESIDUAL=True, STORE_SUM=False, HAS_WEIGHT=True, HAS_BIAS=True, ROWS_PER_PROGRAM=rows_per_program,
+        BLOCK_SIZE=block_size, num_warps=num_warps,
+    )  # fmt: skip
+    assert torch.isnan(h).all()
+    assert_close(y, reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5, residual.double())[0],
+                 dtype)
 
 
 @pytest.mark.parametrize("affine", AFFINE)
@@ -227,3 +260,56 @@ def test_real_sizes(shape, dtype, with_residual, device):
     outputs = rms_norm_fwd(x, weight, 1e-6, residual, "llama", out=out, residual_out=residual_out)
     refs = reference.rms_norm(x.double(), weight.double(), 1e-6, _f64(residual), "llama")
     _check(outputs, refs, dtype, with_residual)
+
+
+# -- ops.linear_layer_norm: the product's route decides where the residual add runs ------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("route", ["cublas", "tiled"])
+def test_linear_layer_norm_routes(route, bias, tmp_path, monkeypatch, device):
+    """cuBLAS route (the tuning cache says so): the product (bias in addmm), then one norm kernel that adds
+    the residual and stores no sum; tiled route: the residual in the linear's epilogue, then the norm. Both
+    against the fp64 reference, at odd sizes."""
+    monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
+    card = torch.cuda.get_device_name() if device == "cuda" else "triton-interpreter"
+    x, weight = torch.randn(3, 5, 40, device=device), torch.randn(24, 40, device=device) / 6
+    b = torch.randn(24, device=device) if bias else None
+    r, norm_weight, norm_bias = (torch.randn(3, 5, 24, device=device), torch.randn(24, device=device),
+                                 torch.randn(24, device=device))
+    if route == "cublas":
+        key = f"M16 N24 K40 float32 none bias={bias} residual=True"
+        tuning.cache().put("linear", card, key, {"backend": ops.CUBLAS})
+    norms, tiled = [], []
+    real_norm, real_linear = ops.layer_norm_fwd, ops.linear_fwd
+
+    def norm_spy(x, weight, bias, eps, residual=None, **kwargs):
+        norms.append((residual, kwargs))
+        return real_norm(x, weight, bias, eps, residual, **kwargs)
+
+    def linear_spy(x, weight, bias, activation, residual, **kwargs):
+        tiled.append(residual)
+        return real_linear(x, weight, bias, activation, residual, **kwargs)
+
+    monkeypatch.setattr(ops, "layer_norm_fwd", norm_spy)
+    monkeypatch.setattr(ops, "linear_fwd", linear_spy)
+    monkeypatch.setattr(ops, "linear_epilogue_fwd", lambda *a, **k: pytest.fail("separate epilogue pass"))
+    out = ops.linear_layer_norm(x, weight, b, r, norm_weight, norm_bias, 1e-6)
+    ((norm_residual, norm_kwargs),) = norms
+    if route == "cublas":
+        assert not tiled and norm_residual is not None and norm_kwargs == {"keep_sum": False}
+    else:
+        assert [t is not None for t in tiled] == [True] and norm_residual is None
+    h = reference.linear(x.double(), weight.double(), None if b is None else b.double(), None, r.double())
+    expected, _ = reference.layer_norm(h, norm_weight.double(), norm_bias.double(), 1e-6)
+    assert out.shape == (3, 5, 24)
+    assert_close(out, expected, torch.float32)
+
+
+def test_linear_layer_norm_rejects_bad_operands(device):
+    x, weight, r = torch.randn(4, 40, device=device), torch.randn(24, 40, device=device), torch.randn(4, 24,
+                                                                                                     device=device)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.linear_layer_norm(x, weight, None, r[:, :20], None, None)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        ops.linear_layer_norm(x, weight, None, r, torch.ones(40, device=device), None)

@@ -216,6 +216,33 @@ def test_norms(model, kind, kwargs, device):
         assert call_kwargs["variant"] == ("gemma" if isinstance(model, GemmaRMSNorm) else "llama")
 
 
+class DenseAddNorm(nn.Module):
+    """BERT's output block: LayerNorm(dense(x) + r), optionally with an activation or a second reader."""
+
+    def __init__(self, activation: bool = False, pre_norm: bool = False) -> None:
+        super().__init__()
+        self.dense, self.norm = nn.Linear(24, 32), nn.LayerNorm(32, eps=1e-6)
+        self.activation, self.pre_norm = activation, pre_norm
+
+    def forward(self, x, r):
+        y = self.dense(x)
+        h = (torch.relu(y) if self.activation else y) + r
+        return (self.norm(h), h * 2) if self.pre_norm else self.norm(h)
+
+
+@pytest.mark.parametrize("activation, pre_norm, joined", [(False, False, True), (True, False, False),
+                                                          (False, True, False)])
+def test_linear_joins_the_layer_norm_that_alone_reads_it(activation, pre_norm, joined, device):
+    model = DenseAddNorm(activation, pre_norm).to(device).eval()
+    x, r = torch.randn(2, 7, 24, device=device), torch.randn(2, 7, 32, device=device)
+    out, expected, report, graphs = _compile(model, x, r)
+    for o, e in zip(*((out, expected) if pre_norm else ((out,), (expected,))), strict=True):
+        assert_close(o, e)
+    assert report.replaced == {"linear": 1, "layer_norm": 1, **({"linear_layer_norm": 1} if joined else {})}
+    names = [name for name, _ in _ops_calls(graphs)]
+    assert names == (["linear_layer_norm"] if joined else ["linear", "layer_norm"])
+
+
 def test_in_place_op_inside_the_region_is_not_moved_across(device):
     class MutatesBeforeTheSum(PostNorm):
         def forward(self, x, r):
@@ -369,8 +396,9 @@ def test_tiny_hf_bert(attn_implementation, device):
     out, expected, report, _ = _compile(model, ids, attention_mask)
     assert_close(out.last_hidden_state, expected.last_hidden_state)
     assert_close(out.pooler_output, expected.pooler_output)
-    # per layer: q, k, v, out (+ residual), up (+ gelu), down (+ residual); the pooler (+ tanh)
-    assert report.replaced == {"attention": 2, "layer_norm": 5, "linear": 13}
+    # per layer: q, k, v, out (+ residual), up (+ gelu), down (+ residual); the pooler (+ tanh); out and down
+    # then join the LayerNorm after them
+    assert report.replaced == {"attention": 2, "layer_norm": 5, "linear": 13, "linear_layer_norm": 4}
     assert not report.fallbacks
 
 

@@ -32,7 +32,7 @@ from tritonize.kernels.linear import (
 from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
 from tritonize.kernels.rotary import rotary_cache_write_fwd, rotary_fwd
 
-__all__ = ["attention", "linear", "layer_norm", "rms_norm", "rotary", "rotary_cache_write", "gated_mlp",
+__all__ = ["attention", "linear", "layer_norm", "linear_layer_norm", "rms_norm", "rotary", "rotary_cache_write", "gated_mlp",
            "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "decode_attention", "SUPPORTED_DTYPES"]
 
 logger = logging.getLogger("tritonize")
@@ -188,17 +188,19 @@ def _linear_op(
     out_shape = (*x.shape[:-1], weight.shape[0])
     x2d = x.reshape(-1, x.shape[-1])
     res2d = None if residual is None else residual.reshape(-1, weight.shape[0])
-    if _runs_triton(x) and gemv.preferred(x2d, weight):  # decode sizes: a weight stream on CUDA cores
-        out = gemv.gemv_fwd(x2d, weight, bias, act, res2d)
-    elif _runs_triton(x):
-        tuned = _tuned_linear_config(x2d, weight, bias, act, res2d)
+    return _linear_2d(x2d, weight, bias, act, res2d).reshape(out_shape)
+
+
+def _linear_2d(x2d, weight, bias, activation, residual) -> torch.Tensor:
+    """ops.linear on 2-D operands, through the route the shape calls for."""
+    if _runs_triton(x2d) and gemv.preferred(x2d, weight):  # decode sizes: a weight stream on CUDA cores
+        return gemv.gemv_fwd(x2d, weight, bias, activation, residual)
+    if _runs_triton(x2d):
+        tuned = _tuned_linear_config(x2d, weight, bias, activation, residual)
         if tuned == CUBLAS:
-            out = _cublas_linear(x2d, weight, bias, act, res2d)
-        else:
-            out = linear_fwd(x2d, weight, bias, act, res2d, config=tuned)
-    else:
-        out = reference.linear(x2d, weight, bias, act, res2d)
-    return out.reshape(out_shape)
+            return _cublas_linear(x2d, weight, bias, activation, residual)
+        return linear_fwd(x2d, weight, bias, activation, residual, config=tuned)
+    return reference.linear(x2d, weight, bias, activation, residual)
 
 
 # A linear tuning entry {"backend": "cublas"}: torch's matmul (cuBLAS) then the Triton epilogue kernel beat
@@ -369,7 +371,8 @@ def _check_norm_args(x, residual, eps, **params: torch.Tensor | None) -> None:
         _check_tensor(name, p, ndim=1)
         _check_float(name, p)
         if p.shape[0] != hidden:
-            raise ValueError(f"{name} must have shape ({hidden},) to match x's last dim, got {tuple(p.shape)}")
+            raise ValueError(f"{name} must have shape ({hidden},) to match the normalized (last) dim, "
+                             f"got {tuple(p.shape)}")
     if residual is not None:
         _check_tensor("residual", residual)
         _check_float("residual", residual, x.dtype)
@@ -420,6 +423,57 @@ def rms_norm(
     if residual is None:
         return _rms_norm_op(x, weight, float(eps), variant)
     return _add_rms_norm_op(x, residual, weight, float(eps), variant)
+
+
+@torch.library.custom_op("tritonize::linear_layer_norm", mutates_args=())
+def _linear_layer_norm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    x2d, res2d = x.reshape(-1, x.shape[-1]), residual.reshape(-1, weight.shape[0])
+    if not _runs_triton(x):
+        h = reference.linear(x2d, weight, bias, None, res2d)
+        return reference.layer_norm(h, norm_weight, norm_bias, eps)[0].reshape(out_shape)
+    if not gemv.preferred(x2d, weight) and _tuned_linear_config(x2d, weight, bias, None, res2d) == CUBLAS:
+        # cuBLAS's product (bias in addmm), then the residual add inside the norm kernel: h is never stored
+        product = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+        y, _ = layer_norm_fwd(product, norm_weight, norm_bias, eps, res2d, keep_sum=False)
+    else:  # the residual in the linear's epilogue, then the norm
+        y, _ = layer_norm_fwd(_linear_2d(x2d, weight, bias, None, res2d), norm_weight, norm_bias, eps)
+    return y.reshape(out_shape)
+
+
+@_linear_layer_norm_op.register_fake
+def _(x, weight, bias, residual, norm_weight, norm_bias, eps):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """layer_norm(x @ weight^T + bias + residual): a post-norm block's output projection and its norm
+    (BERT), with only the normalized value returned.
+
+    Where the tuning cache sends the product to cuBLAS, bias rides in its addmm and the residual add moves
+    into the norm kernel (one pass over [M, N] instead of a separate epilogue pass, and the sum is never
+    written); elsewhere ops.linear with the residual in its epilogue, then ops.layer_norm. Operands as in
+    ops.linear and ops.layer_norm.
+    """
+    _check_linear_args(x, weight, bias, None, residual)
+    _check_norm_args(residual, None, eps, norm_weight=norm_weight, norm_bias=norm_bias)
+    return _linear_layer_norm_op(x, weight, bias, residual, norm_weight, norm_bias, float(eps))
 
 
 # -- rotary embeddings ----------------------------------------------------------------------------

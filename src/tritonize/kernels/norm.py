@@ -41,13 +41,15 @@ def _load_param(P_ptr, cols, n_cols):
 @triton.jit
 def _load_h(
     X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
 ):  # fmt: skip
-    """h = x (+ residual) in fp32, zero outside mask; with a residual, h is also stored in x's dtype."""
+    """h = x (+ residual) in fp32, zero outside mask; with a residual and STORE_SUM, h is also stored in x's
+    dtype."""
     h = tl.load(X_ptr + rows * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         h += tl.load(R_ptr + rows * r_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        _store_rows(H_ptr, h, rows, cols, mask, h_row_stride)
+        if STORE_SUM:
+            _store_rows(H_ptr, h, rows, cols, mask, h_row_stride)
     return h
 
 
@@ -55,19 +57,20 @@ def _load_h(
 def _layer_norm_fwd_kernel(
     X_ptr, R_ptr, Y_ptr, H_ptr, W_ptr, B_ptr,
     x_row_stride, r_row_stride, y_row_stride, h_row_stride, n_rows, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
     """y = (h - mean) / sqrt(var + eps) * weight + bias over each row of h = x (+ residual).
 
     X_ptr, R_ptr: input and residual, [n_rows, n_cols], rows x_row_stride / r_row_stride apart,
     columns contiguous. Y_ptr, H_ptr: outputs norm(h) and h, same layout with y_row_stride /
-    h_row_stride (H_ptr, R_ptr unused without HAS_RESIDUAL). W_ptr, B_ptr: [n_cols], contiguous,
-    any float dtype (unused without HAS_WEIGHT / HAS_BIAS). Program i handles rows
+    h_row_stride (R_ptr unused without HAS_RESIDUAL, H_ptr unless HAS_RESIDUAL and STORE_SUM). W_ptr,
+    B_ptr: [n_cols], contiguous, any float dtype (unused without HAS_WEIGHT / HAS_BIAS). Program i handles rows
     i * ROWS_PER_PROGRAM onward; BLOCK_SIZE >= n_cols.
     """
     rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
-    h = _load_h(X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride, HAS_RESIDUAL)
+    h = _load_h(X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride,
+                HAS_RESIDUAL, STORE_SUM)
     # -- two-pass statistics on the rows in registers (exact for inputs with a large common offset) --
     mean = tl.sum(h, axis=1)[:, None] / n_cols
     centered = tl.where(mask, h - mean, 0.0)
@@ -85,7 +88,8 @@ def _layer_norm_fwd_kernel(
 def _rms_norm_fwd_kernel(
     X_ptr, R_ptr, Y_ptr, H_ptr, W_ptr,
     x_row_stride, r_row_stride, y_row_stride, h_row_stride, n_rows, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, WEIGHT_OFFSET: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
+    ROUND_BEFORE_WEIGHT: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
     """y = h / sqrt(mean(h^2) + eps) * (WEIGHT_OFFSET + weight) over each row of h = x (+ residual).
@@ -95,7 +99,8 @@ def _rms_norm_fwd_kernel(
     WEIGHT_OFFSET is 1.0 for Gemma's (1 + weight), else 0.0.
     """
     rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
-    h = _load_h(X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride, HAS_RESIDUAL)
+    h = _load_h(X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride,
+                HAS_RESIDUAL, STORE_SUM)
     # -- mean of squares, then scale --
     y = h * tl.rsqrt(tl.sum(h * h, axis=1)[:, None] / n_cols + eps)
     if ROUND_BEFORE_WEIGHT:
@@ -118,7 +123,7 @@ def launch_config(n_rows: int, n_cols: int, min_elements: int = MIN_ELEMENTS_PER
     return block_size, rows, num_warps
 
 
-def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, **flags):
+def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, keep_sum, **flags):
     """Allocates outputs and launches `kernel` over the rows of x [n_rows, n_cols]; returns (y, h)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -128,17 +133,19 @@ def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, **flags):
     if residual is not None:
         if residual.stride(-1) != 1:
             residual = residual.contiguous()
-        h = residual_out if residual_out is not None else x.new_empty(x.shape)
+        if keep_sum:
+            h = residual_out if residual_out is not None else x.new_empty(x.shape)
     if n_rows == 0:
         return y, h
     block_size, rows_per_program, num_warps = launch_config(n_rows, n_cols)
-    # Unused pointers (no residual, no weight/bias) point at x or y; the kernel never touches them.
-    r, h_buf = (x, y) if residual is None else (residual, h)
+    # Unused pointers (no residual, no h, no weight/bias) point at x or y; the kernel never touches them.
+    r = x if residual is None else residual
+    h_buf = y if h is None else h
     kernel[(triton.cdiv(n_rows, rows_per_program),)](
         x, r, y, h_buf, *(x if p is None else p.contiguous() for p in params),
         x.stride(0), r.stride(0), y.stride(0), h_buf.stride(0), n_rows, n_cols, eps,
-        HAS_RESIDUAL=residual is not None, ROWS_PER_PROGRAM=rows_per_program, BLOCK_SIZE=block_size,
-        num_warps=num_warps, **flags,
+        HAS_RESIDUAL=residual is not None, STORE_SUM=h is not None, ROWS_PER_PROGRAM=rows_per_program,
+        BLOCK_SIZE=block_size, num_warps=num_warps, **flags,
     )  # fmt: skip
     return y, h
 
@@ -151,13 +158,15 @@ def layer_norm_fwd(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    keep_sum: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LayerNorm of h = x (+ residual) over rows of x [M, n_cols]; returns (y, h or None) in x's dtype.
 
-    out / residual_out: optional preallocated [M, n_cols] outputs (last dim contiguous).
+    out / residual_out: optional preallocated [M, n_cols] outputs (last dim contiguous). keep_sum=False:
+    h is not stored (None is returned for it) where nothing reads it, one write of [M, n_cols] less.
     """
     return _norm_fwd(
-        _layer_norm_fwd_kernel, x, (weight, bias), eps, residual, out, residual_out,
+        _layer_norm_fwd_kernel, x, (weight, bias), eps, residual, out, residual_out, keep_sum,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
     )  # fmt: skip
 
@@ -170,14 +179,16 @@ def rms_norm_fwd(
     variant: str = "llama",
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    keep_sum: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm of h = x (+ residual) with a model family's numerics (see reference.rms_norm).
 
     variant: "llama" or "t5" (round, then weight) or "gemma" ((1 + weight) in fp32, then round).
+    out, residual_out, keep_sum: as in layer_norm_fwd.
     """
     if variant not in RMS_NORM_VARIANTS:
         raise ValueError(f"variant must be one of {RMS_NORM_VARIANTS}, got {variant!r}")
     return _norm_fwd(
-        _rms_norm_fwd_kernel, x, (weight,), eps, residual, out, residual_out,
+        _rms_norm_fwd_kernel, x, (weight,), eps, residual, out, residual_out, keep_sum,
         WEIGHT_OFFSET=1.0 if variant == "gemma" else 0.0, ROUND_BEFORE_WEIGHT=variant != "gemma",
     )  # fmt: skip

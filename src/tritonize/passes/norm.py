@@ -3,7 +3,8 @@
 `layer_norm` matches `F.layer_norm(x, (hidden,), w, b, eps)`; `rms_norm` matches the written-out forms
 of HF's RMSNorms by their numerics (Llama/T5: round, then multiply by the weight; Gemma: multiply by
 1 + weight in fp32, then round). When the normalized tensor is `a + b`, the add moves into the kernel
-and its other users read the kernel's second output. eps always comes from the graph. passes/ never imports triton.
+and its other users read the kernel's second output. `linear_layer_norm` then joins a linear with a
+residual add to the LayerNorm that alone reads it. eps always comes from the graph. passes/ never imports triton.
 """
 
 from __future__ import annotations
@@ -83,6 +84,22 @@ def layer_norm(node: fx.Node) -> bool:
     last_dim_only = isinstance(shape, (list, tuple)) and list(shape) == [x_value.shape[-1]]
     check(last_dim_only, f"normalized_shape {shape} is not the last dim alone")
     _replace_norm(node, x, ops.layer_norm, weight, bias, eps)
+    return True
+
+
+@register_pattern("linear_layer_norm")
+def linear_layer_norm(node: fx.Node) -> bool:
+    """ops.layer_norm(ops.linear(x, w, b, residual=r)), the norm the linear's only reader (post-norm blocks:
+    BERT's output projections) -> ops.linear_layer_norm, which may move the residual add into the norm."""
+    if not is_call(node, ops.layer_norm) or node.kwargs.get("residual") is not None:
+        return False
+    linear = node.args[0]
+    if not is_call(linear, ops.linear) or sole_user(linear) is not node:
+        return False
+    residual = linear.kwargs.get("residual")
+    if residual is None or linear.kwargs.get("activation") is not None:
+        return False
+    replace(node, ops.linear_layer_norm, *linear.args, residual, *node.args[1:])
     return True
 
 
