@@ -32,8 +32,9 @@ from tritonize.kernels.linear import (
 from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
 from tritonize.kernels.rotary import rotary_cache_write_fwd, rotary_fwd
 
-__all__ = ["attention", "linear", "layer_norm", "linear_layer_norm", "rms_norm", "rotary", "rotary_cache_write", "gated_mlp",
-           "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "decode_attention", "SUPPORTED_DTYPES"]
+__all__ = ["attention", "linear", "layer_norm", "linear_layer_norm", "rms_norm", "rotary", "rotary_cache_write",
+           "gated_mlp", "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "decode_attention",
+           "SUPPORTED_DTYPES"]
 
 logger = logging.getLogger("tritonize")
 
