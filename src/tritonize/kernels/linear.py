@@ -19,7 +19,14 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from tritonize.kernels.common import INTERPRETED, dot, dot_precision
+from tritonize.kernels.common import (
+    INTERPRETED,
+    allow_next_kernel,
+    dot,
+    dot_precision,
+    pdl_supported,
+    wait_for_previous_kernel,
+)
 
 SKINNY_MAX_M = 16  # tl.dot needs 16 rows; up to this many tokens the weight read dominates
 INTERPRETER_SM_COUNT = 4  # a pretend GPU: small CPU test shapes take the split-K paths and loop over tiles
@@ -155,7 +162,7 @@ def _linear_kernel(
     x_row_stride, x_col_stride, w_row_stride, w_col_stride, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of x @ weight^T over the K range [pid_k * k_split_size, +k_split_size).
 
@@ -164,9 +171,12 @@ def _linear_kernel(
     HAS_BIAS). R_ptr: residual [M, N] with strides (r_row_stride, r_col_stride). Y_ptr: output
     [M, N], contiguous. Partial_ptr: fp32 [SPLIT_K, M, N] contiguous workspace; with SPLIT_K > 1
     the raw partial sums go there and _split_k_reduce_kernel applies the epilogue.
-    EVEN_K: every split is a whole number of BLOCK_K steps, so K needs no mask.
+    EVEN_K: every split is a whole number of BLOCK_K steps, so K needs no mask. PDL: launched as a
+    programmatic dependent launch (common.py).
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
     """
+    wait_for_previous_kernel(PDL)  # nothing is read or written before the previous kernel has ended
+    allow_next_kernel(PDL)
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -208,15 +218,18 @@ def _linear_persistent_kernel(
     x_desc, w_desc, B_ptr, R_ptr, Y_ptr, M, N, K, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Output tiles start, start + NUM_PROGRAMS, ... (grouped order) of x @ weight^T, each with the epilogue.
 
     x_desc: tensor descriptor of x [M, K], block [BLOCK_M, BLOCK_K]. w_desc: of weight [N, K],
     block [BLOCK_N, BLOCK_K]. Both need a contiguous last dimension and 16-byte aligned base and row
     stride; TMA zero-fills reads past M, N and K, so no masks. Other pointers as in _linear_kernel.
-    NUM_PROGRAMS: the SM count times the programs per SM. Grid: (min(NUM_PROGRAMS, number of tiles),).
+    NUM_PROGRAMS: the SM count times the programs per SM. PDL: as in _linear_kernel.
+    Grid: (min(NUM_PROGRAMS, number of tiles),).
     """
+    wait_for_previous_kernel(PDL)  # nothing is read or written before the previous kernel has ended
+    allow_next_kernel(PDL)
     start = tl.program_id(0)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
@@ -252,15 +265,17 @@ def _linear_persistent_kernel(
 def _split_k_reduce_kernel(
     Partial_ptr, B_ptr, R_ptr, Y_ptr, M, N, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Sums the SPLIT_K partials [SPLIT_K, M, N] in a fixed order, in fp32, then applies the epilogue.
 
     Partial_ptr: contiguous, fp32 from a split _linear_kernel, or (SPLIT_K=1) one finished product in
     any float dtype (`linear_epilogue_fwd`). Other pointers as in _linear_kernel; Y_ptr may be
-    Partial_ptr itself when SPLIT_K=1 (each element is read, then written, by the same program).
-    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
+    Partial_ptr itself when SPLIT_K=1 (each element is read, then written, by the same program). PDL: as
+    in _linear_kernel. Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
     """
+    wait_for_previous_kernel(PDL)  # nothing is read or written before the previous kernel has ended
+    allow_next_kernel(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows, cols = offs_m.to(tl.int64)[:, None], offs_n[None, :]
@@ -437,7 +452,7 @@ def linear_fwd(
     bias = None if bias is None else bias.contiguous()
     res_strides = (0, 0) if residual is None else residual.stride()
     flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None)
-    precision = dot_precision(x.dtype)
+    precision, pdl = dot_precision(x.dtype), pdl_supported(x.device)
     sm_count, _, has_tma = _device_limits(x.device)
     if config.persistent and has_tma and _tma_compatible(x) and _tma_compatible(weight):
         x_desc = TensorDescriptor.from_tensor(x, [config.block_m, config.block_k])
@@ -446,7 +461,8 @@ def linear_fwd(
         _linear_persistent_kernel[(min(programs, _num_tiles(config, M, N)),)](
             x_desc, w_desc, bias, residual, out, M, N, K, *res_strides, **flags, INPUT_PRECISION=precision,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            NUM_PROGRAMS=programs, num_warps=config.num_warps, num_stages=config.num_stages,
+            NUM_PROGRAMS=programs, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
+            launch_pdl=pdl,
         )  # fmt: skip
         return out
     partial = out
@@ -459,7 +475,8 @@ def linear_fwd(
         *x.stride(), *weight.stride(), *res_strides,
         **flags, SPLIT_K=config.split_k, INPUT_PRECISION=precision, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        EVEN_K=K % (config.block_k * config.split_k) == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+        EVEN_K=K % (config.block_k * config.split_k) == 0, PDL=pdl, num_warps=config.num_warps,
+        num_stages=config.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if config.split_k > 1:
         _reduce_and_epilogue(partial, bias, activation, residual, out, config.split_k)
@@ -471,10 +488,11 @@ def _reduce_and_epilogue(partial, bias, activation, residual, out, split_k: int)
     block_m = min(16, triton.next_power_of_2(M))  # many small programs: bandwidth-bound
     block_n = 256 if INTERPRETED else 64  # the interpreter pays per program
     res_strides = (0, 0) if residual is None else residual.stride()
+    pdl = pdl_supported(out.device)
     _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         partial, bias, residual, out, M, N, *res_strides,
         HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None,
-        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
 
 
