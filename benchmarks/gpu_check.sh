@@ -9,7 +9,10 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -n 25 | tee "$OUT/gpu-tests.log"
+  # the whole output goes to the file (a failure's traceback is the one thing a later session needs);
+  # the console gets the summary; captured logs (TorchDynamo DEBUG lines) are left out, the seed is kept
+  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -rfE --tb=short --show-capture=stdout -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
+  tail -n 25 "$OUT/gpu-tests.log"
 fi
 python3 -m tritonize.cli bench-kernels --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^|" | tail -n 40
 grep -E "tritonize \|" "$OUT"/kernel*.md | cut -c1-200 | tail -n 60
