@@ -83,10 +83,15 @@ def measure(model, device, batch: int, prompt_len: int, new_tokens: int, repeats
         assert out.shape[1] == prompt_len + n
 
     generate(new_tokens)  # warm-up: Triton compiles, caches allocated
+    short_tokens = min(SHORT_RUN, new_tokens // 2)
     first, short, whole = (statistics.median(seconds(lambda n=n: generate(n), device) for _ in range(repeats))
-                           for n in (1, min(SHORT_RUN, new_tokens - 1), new_tokens))
+                           for n in (1, short_tokens, new_tokens))
     # decode rate from the difference of two runs: prefill and per-call set-up cancel out
-    step = (whole - short) / (new_tokens - min(SHORT_RUN, new_tokens - 1))
+    step = (whole - short) / (new_tokens - short_tokens)
+    if step <= 0:
+        raise RuntimeError(f"batch {batch}: {new_tokens} new tokens took {whole * 1e3:.2f} ms, no longer than "
+                           f"{short_tokens} ({short * 1e3:.2f} ms): timing noise exceeds the decode steps; "
+                           "raise --new-tokens or --repeats")
     return dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, time_to_first_token_ms=first * 1e3,
                 generate_s=whole, step_ms=step * 1e3, decode_tokens_per_s=batch / step,
                 end_to_end_tokens_per_s=batch * new_tokens / whole)
@@ -133,15 +138,17 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 config: a smoke test, on CPU too")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=None, help="default 128 (tiny: 8)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny: 4)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--profile", action="store_true", help="also GPU time per kernel of one decode step")
     parser.add_argument("--all-reduce", default="auto", choices=ALL_REDUCE_METHODS,
                         help="how ranks sum activations (tritonize.parallel.tensor_parallel's all_reduce)")
     args = parser.parse_args()
+    if args.new_tokens is not None and args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: the decode rate is the difference of two runs")
     name = "tiny" if args.tiny else "llama-8b"
     prompt_len = args.prompt_len or (8 if args.tiny else 128)
-    new_tokens = args.new_tokens or (4 if args.tiny else 256)
+    new_tokens = args.new_tokens or (16 if args.tiny else 256)
 
     rank, world_size = parallel.init_from_torchrun()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -44,8 +44,8 @@ def hf_generate(model, ids, mask=None, **kwargs) -> torch.Tensor:
     return model.generate(ids, attention_mask=mask, **kwargs)
 
 
-def left_padded(lengths: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(3, VOCAB, (len(lengths), seq_len))
+def left_padded(lengths: list[int], seq_len: int, vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, vocab, (len(lengths), seq_len))
     mask = (torch.arange(seq_len) >= seq_len - torch.tensor(lengths)[:, None]).long()
     return ids.masked_fill(mask == 0, 0), mask
 

@@ -25,12 +25,13 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 # GQA + rotary + SwiGLU; fused Conv1D qkv, learned positions, tied lm_head; an even vocabulary: the output
 # projection split by vocabulary rows and the logits gathered (97 rows stay whole on every rank)
 FAMILIES = ("llama", "gpt2", "llama-even-vocab")
+EVEN_VOCAB = 96  # the prompts' ids stay below it, so every family's embedding holds them
 
 
 def tiny_model(family: str) -> torch.nn.Module:
     if family != "llama-even-vocab":
         return tiny(family)
-    config = transformers.LlamaConfig(**{**TINY, "vocab_size": 96})
+    config = transformers.LlamaConfig(**{**TINY, "vocab_size": EVEN_VOCAB})
     model = transformers.LlamaForCausalLM(config).eval()
     for param in model.parameters():
         if param.dim() == 2:
@@ -56,7 +57,7 @@ def single_process_reference(model, ids, mask) -> dict:
 
 
 def test_two_processes_match_the_single_process_model(tmp_path):
-    ids, mask = left_padded([6, 3], 6)
+    ids, mask = left_padded([6, 3], 6, vocab=EVEN_VOCAB)
     torch.save((ids, mask), tmp_path / "prompts.pt")
     models = {family: tiny_model(family) for family in FAMILIES}
     for family, model in models.items():
@@ -68,8 +69,11 @@ def test_two_processes_match_the_single_process_model(tmp_path):
     env = cpu_environment()
     worker = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                str(WORKER), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    references = {family: single_process_reference(model, ids, mask) for family, model in models.items()}
-    output = worker.communicate(timeout=180)[0].decode()
+    try:
+        references = {family: single_process_reference(model, ids, mask) for family, model in models.items()}
+        output = worker.communicate(timeout=180)[0].decode()
+    finally:  # a failure here must not leave two ranks spinning on the CPU under the tests that follow
+        worker.kill()
     assert worker.returncode == 0, output
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
