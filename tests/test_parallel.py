@@ -73,7 +73,9 @@ def test_two_processes_match_the_single_process_model(tmp_path):
         references = {family: single_process_reference(model, ids, mask) for family, model in models.items()}
         output = worker.communicate(timeout=180)[0].decode()
     finally:  # a failure here must not leave two ranks spinning on the CPU under the tests that follow
-        worker.kill()
+        if worker.poll() is None:  # SIGTERM: torchrun stops its ranks (they run in their own sessions)
+            worker.terminate()
+            worker.wait(timeout=60)
     assert worker.returncode == 0, output
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
