@@ -56,10 +56,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 # -- programmatic dependent launch (PDL, Hopper and newer) --------------------------------------------
 # A kernel launched with `launch_pdl=True` may start while the kernel before it in the stream still runs,
-# as soon as every program of that one has called `allow_next_kernel` (or exited): it can load what the
-# previous kernel does not write (weights) and must call `wait_for_previous_kernel` before touching
-# anything else, which returns once the previous kernel has finished and its writes are visible. Kernels
-# take a `PDL: tl.constexpr` flag, `pdl_supported(device)`, since the instructions exist from sm_90 on.
+# as soon as every program of that one has let the next kernel launch (or exited): it can load what the
+# previous kernel does not write (weights) and must call `wait_previous_allow_next` before touching
+# anything else. Kernels take a `PDL: tl.constexpr` flag, `pdl_supported(device)`, since the instructions
+# exist from sm_90 on.
 
 
 @functools.cache
@@ -68,12 +68,9 @@ def pdl_supported(device: torch.device) -> bool:
 
 
 @triton.jit
-def wait_for_previous_kernel(PDL: tl.constexpr):
+def wait_previous_allow_next(PDL: tl.constexpr):
+    """Returns once the previous kernel has finished and its writes are visible, then lets the next kernel
+    in the stream launch (its programs start, and wait here in turn, as this kernel's programs finish)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def allow_next_kernel(PDL: tl.constexpr):
-    if PDL:
         tl.extra.cuda.gdc_launch_dependents()

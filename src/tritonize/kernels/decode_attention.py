@@ -18,12 +18,11 @@ import triton.language as tl
 
 from tritonize.kernels.common import (
     INTERPRETED,
-    allow_next_kernel,
     cast,
     dot,
     dot_precision,
     pdl_supported,
-    wait_for_previous_kernel,
+    wait_previous_allow_next,
 )
 
 LOG2E = math.log2(math.e)
@@ -105,8 +104,7 @@ def _decode_attention_kernel(
     [batch * heads * q_len, num_splits] (log2 domain, -inf where the row saw no key).
     PDL: a programmatic dependent launch (common.py), waiting for the previous kernel before any access.
     """
-    wait_for_previous_kernel(PDL)
-    allow_next_kernel(PDL)
+    wait_previous_allow_next(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     group_rows = group * q_len
@@ -170,8 +168,7 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):
     """Out = sum_s 2^lse_s PartOut_s / sum_s 2^lse_s for BLOCK_R rows, the splits in order (deterministic)."""
-    wait_for_previous_kernel(PDL)
-    allow_next_kernel(PDL)
+    wait_previous_allow_next(PDL)
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < n_rows
     offs_d = tl.arange(0, BLOCK_D)

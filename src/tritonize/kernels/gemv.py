@@ -28,11 +28,10 @@ import triton.language as tl
 
 from tritonize.kernels.common import (
     INTERPRETED,
-    allow_next_kernel,
     card_name,
     cast,
     pdl_supported,
-    wait_for_previous_kernel,
+    wait_previous_allow_next,
 )
 from tritonize.kernels.gated_mlp import _gated_epilogue
 from tritonize.kernels.linear import _epilogue
@@ -95,8 +94,7 @@ def _gemv_kernel(
     if GATED:
         up0 = _load_weight_tile(up_rows, 0, offs_k, K)
         up1 = _load_weight_tile(up_rows, BLOCK_K, offs_k, K)
-    wait_for_previous_kernel(PDL)
-    allow_next_kernel(PDL)
+    wait_previous_allow_next(PDL)
 
     # -- prologue: each row's inverse RMS over all of K (x is small and stays in L2) --
     if RMS_NORM:

@@ -21,11 +21,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tritonize.kernels.common import (
     INTERPRETED,
-    allow_next_kernel,
     dot,
     dot_precision,
     pdl_supported,
-    wait_for_previous_kernel,
+    wait_previous_allow_next,
 )
 
 SKINNY_MAX_M = 16  # tl.dot needs 16 rows; up to this many tokens the weight read dominates
@@ -175,8 +174,7 @@ def _linear_kernel(
     programmatic dependent launch (common.py).
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
     """
-    wait_for_previous_kernel(PDL)  # nothing is read or written before the previous kernel has ended
-    allow_next_kernel(PDL)
+    wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -228,8 +226,7 @@ def _linear_persistent_kernel(
     NUM_PROGRAMS: the SM count times the programs per SM. PDL: as in _linear_kernel.
     Grid: (min(NUM_PROGRAMS, number of tiles),).
     """
-    wait_for_previous_kernel(PDL)  # nothing is read or written before the previous kernel has ended
-    allow_next_kernel(PDL)
+    wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
     start = tl.program_id(0)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
@@ -274,8 +271,7 @@ def _split_k_reduce_kernel(
     Partial_ptr itself when SPLIT_K=1 (each element is read, then written, by the same program). PDL: as
     in _linear_kernel. Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
     """
-    wait_for_previous_kernel(PDL)  # nothing is read or written before the previous kernel has ended
-    allow_next_kernel(PDL)
+    wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows, cols = offs_m.to(tl.int64)[:, None], offs_n[None, :]

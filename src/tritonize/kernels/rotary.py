@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels.common import INTERPRETED, allow_next_kernel, cast, pdl_supported, wait_for_previous_kernel
+from tritonize.kernels.common import INTERPRETED, cast, pdl_supported, wait_previous_allow_next
 from tritonize.kernels.norm import launch_config
 
 ROTARY_ELEMENTS_PER_PROGRAM = 4096  # per program on the GPU, as measured for decode (docs/kernels.md)
@@ -158,8 +158,7 @@ def _rotary_cache_write_kernel(
     PDL: a programmatic dependent launch (common.py), waiting for the previous kernel before any access.
     Grid: (cdiv(q_rows, ROWS) + 2 * cdiv(kv_rows, ROWS),).
     """
-    wait_for_previous_kernel(PDL)
-    allow_next_kernel(PDL)
+    wait_previous_allow_next(PDL)
     block = tl.program_id(0)
     q_blocks = tl.cdiv(q_rows, ROWS)
     kv_blocks = tl.cdiv(kv_rows, ROWS)
