@@ -3,6 +3,12 @@ references: odd sizes, every row count it takes, NaN-poisoned outputs, bad input
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import assert_close, poisoned
@@ -136,6 +142,41 @@ def test_fused_ops_bad_input(device):
         tritonize.ops.rms_norm_gated_mlp(x, norm_weight, torch.randn(16, 16, device=device), activation="relu6")
     with pytest.raises(ValueError, match="2 \\* intermediate"):
         tritonize.ops.rms_norm_gated_mlp(x, norm_weight, torch.randn(15, 16, device=device))
+
+
+OCCUPANCY_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gemv_occupancy.py"
+
+
+def _run_occupancy(*args: str, interpret: bool) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, str(OCCUPANCY_SCRIPT), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_occupancy_script_compiles_for_sm90_without_a_gpu(tmp_path):
+    """benchmarks/gemv_occupancy.py compiles each Llama projection's GEMV for sm_90 (no GPU needed) and its
+    programs per SM and waves follow from the registers it reads off the cubin."""
+    out = tmp_path / "occupancy.json"
+    done = _run_occupancy("--batch", "2", "--sms", "100", "--json", str(out), interpret=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())
+    assert (table["batch"], table["sms"]) == (2, 100)
+    assert set(table["rows"]) == {"qkv", "o", "gate_up", "down", "lm_head"}
+    for name, row in table["rows"].items():
+        assert 0 < row["registers_per_thread"] <= 255, name
+        warps = int(row["config"].split("num_warps=")[1].split(",")[0])
+        per_warp = -(-row["registers_per_thread"] * 32 // 256) * 256
+        assert row["programs_per_sm"] == min(65536 // (per_warp * warps), 2048 // (32 * warps), 32), name
+        assert row["waves"] == pytest.approx(row["programs"] / (row["programs_per_sm"] * 100)), name
+        assert f"| {name} | {row['N']} x {row['K']} |" in done.stdout
+
+
+def test_occupancy_script_refuses_the_interpreter():
+    done = _run_occupancy(interpret=True)
+    assert done.returncode == 2 and "without TRITON_INTERPRET" in done.stderr
 
 
 @pytest.mark.gpu
