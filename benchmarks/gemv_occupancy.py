@@ -29,6 +29,7 @@ from tritonize.kernels import gemv
 # Hopper (sm_90) per-SM limits: registers, threads, resident programs, shared memory (bytes, 1 KB of it
 # reserved per program), and the register allocation unit (registers per warp, in multiples of 256).
 REGISTERS, THREADS, PROGRAMS, SHARED, SHARED_RESERVED, REGISTER_UNIT = 65536, 2048, 32, 233472, 1024, 256
+DTYPE, POINTER_TYPE = torch.bfloat16, "*bf16"  # the decode step's weights and activations
 
 CONFIGS = {
     "llama-1.7gb": dict(hidden=2048, intermediate=5632, heads=32, kv_heads=8, vocab=32000),
@@ -61,13 +62,13 @@ def registers_per_thread(kernel) -> int:
 
 
 def occupancy(M: int, N: int, K: int, flags: dict, sms: int) -> dict:
-    config = gemv.pick_config(M, N, K, torch.bfloat16)
+    config = gemv.pick_config(M, N, K, DTYPE)
     constexprs = dict(HAS_BIAS=False, ACTIVATION="none", HAS_RESIDUAL=False, RMS_NORM=False, GATED=False,
                       BLOCK_M=triton.next_power_of_2(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=True)
     constexprs.update(flags)
     pointers = ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr", "G_ptr")
     scalars = ("M", "N", "K", "x_row_stride", "w_row_stride", "r_row_stride", "r_col_stride")
-    signature = {**{p: "*bf16" for p in pointers}, **{s: "i32" for s in scalars}, "eps": "fp32"}
+    signature = {**{p: POINTER_TYPE for p in pointers}, **{s: "i32" for s in scalars}, "eps": "fp32"}
     signature = {name: signature.get(name, "constexpr") for name in gemv._gemv_kernel.arg_names}
     names = list(signature)
     source = ASTSource(gemv._gemv_kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
@@ -79,7 +80,7 @@ def occupancy(M: int, N: int, K: int, flags: dict, sms: int) -> dict:
     shared = kernel.metadata.shared + SHARED_RESERVED
     per_sm = min(REGISTERS // (warp_registers * config.num_warps), THREADS // threads, PROGRAMS, SHARED // shared)
     programs = triton.cdiv(N, config.block_n)
-    weight_bytes = N * (2 if flags.get("GATED") else 1) * K * 2
+    weight_bytes = N * (2 if flags.get("GATED") else 1) * K * DTYPE.itemsize
     return dict(N=N, K=K, config=str(config), registers_per_thread=registers, shared_bytes=kernel.metadata.shared,
                 programs_per_sm=per_sm, programs=programs, waves=programs / (per_sm * sms),
                 weight_bytes_per_program=weight_bytes // programs)
