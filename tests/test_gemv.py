@@ -74,6 +74,30 @@ def test_gated(activation, norm, dtype, device):
     assert_close(out, reference.gated_mlp(x_in, weight.double(), bias.double(), activation), dtype)
 
 
+@pytest.mark.parametrize("programs_per_sm", [1, 3])
+@pytest.mark.parametrize("variant", ["residual", "norm", "gated"])
+def test_programs_streaming_several_row_blocks(variant, programs_per_sm, monkeypatch, device):
+    """With programs_per_sm, fewer programs than row blocks: each streams blocks pid, pid + programs, ... as
+    one pipeline (its prefetch crossing from one block into the next). 37 rows in blocks of 4 (ragged last
+    block) on 2 SMs: 2 or 6 programs taking 5 to 10 or 1 to 2 blocks each, K = 100 in ragged 32-wide steps."""
+    monkeypatch.setattr(gemv_module, "sm_count", lambda device: 2)
+    gated, M, N, K = variant == "gated", GEMV_MAX_M, 37, 100
+    x, weight, bias, norm_weight = _inputs(M, N, K, torch.float32, device, gated=gated)
+    residual = torch.randn(M, N, device=device) if variant == "residual" else None
+    norm = rms_norm_weight = norm_weight if variant != "residual" else None
+    out = poisoned((M, N), torch.float32, device)
+    config = GemvConfig(block_n=4, block_k=32, programs_per_sm=programs_per_sm)
+    gemv_fwd(x, weight, bias, "silu", residual, gated=gated, rms_norm_weight=rms_norm_weight,
+             rms_norm_eps=1e-6, out=out, config=config)
+    x_in = _normed(x, norm, 1e-6) if norm is not None else x.double()
+    if gated:
+        ref = reference.gated_mlp(x_in, weight.double(), bias.double(), "silu")
+    else:
+        ref = reference.linear(x_in, weight.double(), bias.double(), "silu",
+                               None if residual is None else residual.double())
+    assert_close(out, ref, torch.float32)
+
+
 def test_strided_rows(device):
     """x and weight rows further apart than K (views into wider tensors), residual transposed."""
     x_wide, w_wide = torch.randn(GEMV_MAX_M, 80, device=device), torch.randn(50, 96, device=device) / 8
