@@ -79,7 +79,7 @@ def test_gated(activation, norm, dtype, device):
 def test_programs_streaming_several_row_blocks(variant, programs_per_sm, monkeypatch, device):
     """With programs_per_sm, fewer programs than row blocks: each streams blocks pid, pid + programs, ... as
     one pipeline (its prefetch crossing from one block into the next). 37 rows in blocks of 4 (ragged last
-    block) on 2 SMs: 2 or 6 programs taking 5 to 10 or 1 to 2 blocks each, K = 100 in ragged 32-wide steps."""
+    block) on 2 SMs: 2 programs of 5 blocks each, or 6 programs of 1 to 2; K = 100 in ragged 32-wide steps."""
     monkeypatch.setattr(gemv_module, "sm_count", lambda device: 2)
     gated, M, N, K = variant == "gated", GEMV_MAX_M, 37, 100
     x, weight, bias, norm_weight = _inputs(M, N, K, torch.float32, device, gated=gated)
