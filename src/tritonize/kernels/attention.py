@@ -15,7 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels.common import INTERPRETED, cast, dot, dot_precision
+from tritonize.kernels.common import (
+    INTERPRETED,
+    cast,
+    dot,
+    dot_precision,
+    pdl_supported,
+    wait_previous_allow_next,
+)
 
 LOG2E = math.log2(math.e)
 
@@ -102,7 +109,7 @@ def _attention_fwd_kernel(
     heads, kv_group, q_len, kv_len, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, SCAN_BLOCK: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Out[b, h, m, :] = softmax(Q K^T * scale + Bias, masked) V for BLOCK_M rows m of one (b, h).
 
@@ -110,8 +117,10 @@ def _attention_fwd_kernel(
     Out_ptr: [batch, heads, q_len, HEAD_DIM] (last dim contiguous); Bias_ptr: [batch, heads, q_len,
     kv_len] with zero strides where broadcast; Kpm_ptr: uint8 [batch, kv_len], nonzero = attend.
     Out may be a permuted view (e.g. [batch, q_len, heads, HEAD_DIM] memory). All strides are in
-    elements. scale_log2 is scale * log2(e).
+    elements. scale_log2 is scale * log2(e). PDL: launched as a programmatic dependent launch (waits for
+    the previous kernel before reading anything).
     """
+    wait_previous_allow_next(PDL)
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // heads).to(tl.int64)
@@ -208,8 +217,10 @@ def flash_attention_fwd(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
-    """Launches the kernel; arguments as in `tritonize.ops.attention` (validated there)."""
+    """Launches the kernel; arguments as in `tritonize.ops.attention` (validated there). pdl: launch as a
+    programmatic dependent launch (default: where the GPU has it, sm_90+)."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if out is None:
@@ -233,6 +244,7 @@ def flash_attention_fwd(
     if bias is None:
         bias = q
 
+    pdl = pdl_supported(q.device) if pdl is None else pdl
     grid = (triton.cdiv(q_len, config.block_m), batch * heads)
     _attention_fwd_kernel[grid](
         q, k, v, out, bias, kpm,
@@ -242,7 +254,7 @@ def flash_attention_fwd(
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=causal, HAS_BIAS=has_bias, HAS_KPM=has_kpm,
-        SCAN_BLOCK=KEY_SCAN_BLOCK, INPUT_PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SCAN_BLOCK=KEY_SCAN_BLOCK, INPUT_PRECISION=dot_precision(q.dtype), PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     return out
