@@ -212,3 +212,29 @@ def test_llama_shapes_gpu(N, K):
     gemv_fwd(x, weight, None, None, None, rms_norm_weight=norm_weight, rms_norm_eps=1e-6, out=out)
     ref = reference.linear(_normed(x, norm_weight, 1e-6), weight.double(), None, None, None)
     assert_close(out, ref, torch.bfloat16)
+
+
+def test_ab_script_variants():
+    """benchmarks/ab_decode_gemv.py: variants parse into per-projection GemvConfig changes (or another copy of
+    the kernel), applied over the shipped choice by the projection's (N, K); malformed ones are refused."""
+    sys.path.insert(0, str(OCCUPANCY_SCRIPT.parent))
+    try:
+        import ab_decode_gemv as ab
+    finally:
+        sys.path.remove(str(OCCUPANCY_SCRIPT.parent))
+    name, changes = ab.parse_variant("mixed=*.programs_per_sm=4,gate_up.programs_per_sm=2,gate_up.block_k=512")
+    assert name == "mixed"
+    assert changes == {"*": {"programs_per_sm": 4}, "gate_up": {"programs_per_sm": 2, "block_k": 512}}
+    assert ab.parse_variant("shipped=") == ("shipped", {})
+    assert ab.parse_variant("before=@old/gemv.py") == ("before", Path("old/gemv.py"))
+    for bad in ("no-settings", "x=qkv.block_q=2", "x=attention.block_k=2", "x=qkv.block_k=wide"):
+        with pytest.raises(ValueError, match="variant"):
+            ab.parse_variant(bad)
+    shapes = {(3072, 2048): "qkv", (5632, 2048): "gate_up"}
+    pick = ab.config_picker(changes, shapes, gemv_module.pick_config)
+    shipped = gemv_module.pick_config(1, 5632, 2048, torch.bfloat16)
+    assert pick(1, 5632, 2048, torch.bfloat16) == GemvConfig(shipped.block_n, 512, shipped.num_warps,
+                                                             shipped.num_stages, programs_per_sm=2)
+    qkv = pick(1, 3072, 2048, torch.bfloat16)
+    assert (qkv.programs_per_sm, qkv.block_k) == (4, gemv_module.pick_config(1, 3072, 2048, torch.bfloat16).block_k)
+    assert pick(1, 100, 64, torch.bfloat16).programs_per_sm == 4  # a shape of no named projection: "*" only
