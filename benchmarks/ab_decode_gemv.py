@@ -8,7 +8,7 @@ variant alike; its logits are compared with the first variant's. Then `tritonize
 A variant is NAME=SETTINGS:
 - SETTINGS a comma-separated list of PROJECTION.FIELD=VALUE over `gemv.pick_config`'s choice, PROJECTION
   one of qkv, o, gate_up, down, lm_head or * (all), FIELD a `gemv.GemvConfig` field; empty: the shipped
-  configs. E.g. 'persistent=*.programs_per_sm=4,gate_up.programs_per_sm=2'.
+  configs. E.g. 'narrow=*.block_k=512,gate_up.block_n=2'.
 - or @FILE: `gemv_fwd` and `pick_config` of another copy of kernels/gemv.py, e.g. the last commit's
   (`git show HEAD~1:src/tritonize/kernels/gemv.py > .scratch/gemv_before.py`).
 

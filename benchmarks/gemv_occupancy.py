@@ -79,9 +79,7 @@ def occupancy(M: int, N: int, K: int, flags: dict, sms: int) -> dict:
     warp_registers = triton.cdiv(registers * 32, REGISTER_UNIT) * REGISTER_UNIT
     shared = kernel.metadata.shared + SHARED_RESERVED
     per_sm = min(REGISTERS // (warp_registers * config.num_warps), THREADS // threads, PROGRAMS, SHARED // shared)
-    programs = triton.cdiv(N, config.block_n)  # as gemv_fwd sizes the grid
-    if config.programs_per_sm:
-        programs = min(programs, config.programs_per_sm * sms)
+    programs = triton.cdiv(N, config.block_n)
     weight_bytes = N * (2 if flags.get("GATED") else 1) * K * DTYPE.itemsize
     return dict(N=N, K=K, config=str(config), registers_per_thread=registers, shared_bytes=kernel.metadata.shared,
                 programs_per_sm=per_sm, programs=programs, waves=programs / (per_sm * sms),

@@ -74,30 +74,6 @@ def test_gated(activation, norm, dtype, device):
     assert_close(out, reference.gated_mlp(x_in, weight.double(), bias.double(), activation), dtype)
 
 
-@pytest.mark.parametrize("programs_per_sm", [1, 3])
-@pytest.mark.parametrize("variant", ["residual", "norm", "gated"])
-def test_programs_streaming_several_row_blocks(variant, programs_per_sm, monkeypatch, device):
-    """With programs_per_sm, fewer programs than row blocks: each streams blocks pid, pid + programs, ... as
-    one pipeline (its prefetch crossing from one block into the next). 37 rows in blocks of 4 (ragged last
-    block) on 2 SMs: 2 programs of 5 blocks each, or 6 programs of 1 to 2; K = 100 in ragged 32-wide steps."""
-    monkeypatch.setattr(gemv_module, "sm_count", lambda device: 2)
-    gated, M, N, K = variant == "gated", GEMV_MAX_M, 37, 100
-    x, weight, bias, norm_weight = _inputs(M, N, K, torch.float32, device, gated=gated)
-    residual = torch.randn(M, N, device=device) if variant == "residual" else None
-    norm = rms_norm_weight = norm_weight if variant != "residual" else None
-    out = poisoned((M, N), torch.float32, device)
-    config = GemvConfig(block_n=4, block_k=32, programs_per_sm=programs_per_sm)
-    gemv_fwd(x, weight, bias, "silu", residual, gated=gated, rms_norm_weight=rms_norm_weight,
-             rms_norm_eps=1e-6, out=out, config=config)
-    x_in = _normed(x, norm, 1e-6) if norm is not None else x.double()
-    if gated:
-        ref = reference.gated_mlp(x_in, weight.double(), bias.double(), "silu")
-    else:
-        ref = reference.linear(x_in, weight.double(), bias.double(), "silu",
-                               None if residual is None else residual.double())
-    assert_close(out, ref, torch.float32)
-
-
 def test_strided_rows(device):
     """x and weight rows further apart than K (views into wider tensors), residual transposed."""
     x_wide, w_wide = torch.randn(GEMV_MAX_M, 80, device=device), torch.randn(50, 96, device=device) / 8
@@ -222,9 +198,9 @@ def test_ab_script_variants():
         import ab_decode_gemv as ab
     finally:
         sys.path.remove(str(OCCUPANCY_SCRIPT.parent))
-    name, changes = ab.parse_variant("mixed=*.programs_per_sm=4,gate_up.programs_per_sm=2,gate_up.block_k=512")
+    name, changes = ab.parse_variant("mixed=*.num_warps=8,gate_up.num_warps=2,gate_up.block_k=512")
     assert name == "mixed"
-    assert changes == {"*": {"programs_per_sm": 4}, "gate_up": {"programs_per_sm": 2, "block_k": 512}}
+    assert changes == {"*": {"num_warps": 8}, "gate_up": {"num_warps": 2, "block_k": 512}}
     assert ab.parse_variant("shipped=") == ("shipped", {})
     assert ab.parse_variant("before=@old/gemv.py") == ("before", Path("old/gemv.py"))
     for bad in ("no-settings", "x=qkv.block_q=2", "x=attention.block_k=2", "x=qkv.block_k=wide"):
@@ -233,8 +209,7 @@ def test_ab_script_variants():
     shapes = {(3072, 2048): "qkv", (5632, 2048): "gate_up"}
     pick = ab.config_picker(changes, shapes, gemv_module.pick_config)
     shipped = gemv_module.pick_config(1, 5632, 2048, torch.bfloat16)
-    assert pick(1, 5632, 2048, torch.bfloat16) == GemvConfig(shipped.block_n, 512, shipped.num_warps,
-                                                             shipped.num_stages, programs_per_sm=2)
+    assert pick(1, 5632, 2048, torch.bfloat16) == GemvConfig(shipped.block_n, 512, 2, shipped.num_stages)
     qkv = pick(1, 3072, 2048, torch.bfloat16)
-    assert (qkv.programs_per_sm, qkv.block_k) == (4, gemv_module.pick_config(1, 3072, 2048, torch.bfloat16).block_k)
-    assert pick(1, 100, 64, torch.bfloat16).programs_per_sm == 4  # a shape of no named projection: "*" only
+    assert (qkv.num_warps, qkv.block_k) == (8, gemv_module.pick_config(1, 3072, 2048, torch.bfloat16).block_k)
+    assert pick(1, 100, 64, torch.bfloat16).num_warps == 8  # a shape of no named projection: "*" only

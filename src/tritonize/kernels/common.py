@@ -47,13 +47,6 @@ def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "triton-interpreter"
 
 
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    """The device's streaming multiprocessors, which grids are sized by; for CPU tensors an H100's 132 (CPU
-    runs, through the interpreter, then exercise the same host logic)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's matmul setting (exact "ieee" unless TF32 was allowed)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

@@ -8,6 +8,7 @@ torch.fx, Dynamo or transformers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,7 +22,6 @@ from tritonize.kernels.common import (
     dot,
     dot_precision,
     pdl_supported,
-    sm_count,
     wait_previous_allow_next,
 )
 
@@ -207,13 +207,20 @@ def default_config(head_dim: int, dtype: torch.dtype) -> DecodeAttentionConfig:
                                  num_warps=4, num_stages=3)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # an H100's count: CPU runs only exercise the same host logic
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def default_num_splits(programs: int, max_len: int, device: torch.device) -> int:
     """Splits of the key range so that programs x splits fill TARGET_WAVES programs per SM.
 
     A fixed function of static shapes (never of the lengths, which stay on the device), each split of
     a full cache keeping at least MIN_SPLIT_KEYS keys.
     """
-    wanted = triton.cdiv(TARGET_WAVES * sm_count(device), programs)
+    wanted = triton.cdiv(TARGET_WAVES * _sm_count(device), programs)
     return max(1, min(wanted, max_len // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 

@@ -31,7 +31,6 @@ from tritonize.kernels.common import (
     card_name,
     cast,
     pdl_supported,
-    sm_count,
     wait_previous_allow_next,
 )
 from tritonize.kernels.gated_mlp import _gated_epilogue
@@ -53,22 +52,14 @@ class GemvConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    # 0: one program per BLOCK_N rows. P > 0: at most P programs per SM, each streaming row blocks
-    # pid, pid + programs, ... as one pipeline (the next block's first tiles load during this one's epilogue)
-    programs_per_sm: int = 0
 
 
 @triton.jit
-def _load_weight_tile(W_ptr, N, K, w_row_stride, step, k_steps, first_block, blocks_apart, steps,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """The [BLOCK_N, BLOCK_K] weight tile of the program's loop step `step`: K tile step % k_steps of its row
-    block number step // k_steps (row block first_block + that * blocks_apart). Zero past K and for steps
-    past the last (no memory traffic: the loop's prefetch beyond its end). Rows past N wrap onto real rows:
-    loads stay in bounds, and their results are never stored."""
-    rows = (first_block + (step // k_steps) * blocks_apart) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
-    pointers = W_ptr + (rows % N).to(tl.int64)[:, None] * w_row_stride + cols[None, :]
-    return tl.load(pointers, mask=((cols < K) & (step < steps))[None, :], other=0.0)
+def _load_weight_tile(w_rows, k, offs_k, K):
+    """Weight columns k .. k + BLOCK_K of the program's rows ([BLOCK_N, BLOCK_K]); zero past K (no traffic
+    for a tile wholly past K: the loop's prefetch of the step after the last)."""
+    cols = k + offs_k
+    return tl.load(w_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -78,8 +69,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Y[:, n] for every row of x and the columns n of this program's row blocks: BLOCK_N columns each, blocks
-    pid, pid + programs, pid + 2 programs, ... (one block when the grid has a program per block).
+    """Y[:, n] for the BLOCK_N columns n of this program and every row of x.
 
     X_ptr: x [M, K], rows x_row_stride apart, K contiguous; M <= BLOCK_M. W_ptr: weight [N, K] (or
     cat([W_gate, W_up]) [2N, K] with GATED), rows w_row_stride apart, K contiguous. B_ptr: bias [N]
@@ -87,23 +77,23 @@ def _gemv_kernel(
     Y_ptr: output [M, N], contiguous. G_ptr: the RMSNorm weight [K], contiguous (with RMS_NORM).
     PDL: launched as a programmatic dependent launch; the first two weight tiles are loaded before waiting
     for the previous kernel (the weight is never written by a kernel), so the loads overlap its end.
-    Grid: (programs,), at most cdiv(N, BLOCK_N).
+    Grid: (cdiv(N, BLOCK_N),).
     """
-    pid, programs = tl.program_id(0), tl.num_programs(0)
-    k_steps = tl.cdiv(K, BLOCK_K)
-    steps = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs) * k_steps  # row blocks pid, pid + programs, ...
-    up = N * w_row_stride  # offset of the up rows (GATED)
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = (offs_m < M)[:, None]
     x_rows = X_ptr + offs_m.to(tl.int64)[:, None] * x_row_stride
-    # -- the weight is read two steps ahead (registers triple-buffered); the first two before the wait --
-    w0 = _load_weight_tile(W_ptr, N, K, w_row_stride, 0, k_steps, pid, programs, steps, BLOCK_N, BLOCK_K)
-    w1 = _load_weight_tile(W_ptr, N, K, w_row_stride, 1, k_steps, pid, programs, steps, BLOCK_N, BLOCK_K)
+    # columns past N wrap onto real weight rows: loads stay in bounds, their results are never stored
+    w_rows = W_ptr + (offs_n % N).to(tl.int64)[:, None] * w_row_stride
+    up_rows = w_rows + N * w_row_stride
+    # -- the weight is read two tiles ahead (registers triple-buffered); the first two before the wait --
+    w0 = _load_weight_tile(w_rows, 0, offs_k, K)
+    w1 = _load_weight_tile(w_rows, BLOCK_K, offs_k, K)
     up0, up1 = w0, w1
     if GATED:
-        up0 = _load_weight_tile(W_ptr + up, N, K, w_row_stride, 0, k_steps, pid, programs, steps, BLOCK_N, BLOCK_K)
-        up1 = _load_weight_tile(W_ptr + up, N, K, w_row_stride, 1, k_steps, pid, programs, steps, BLOCK_N, BLOCK_K)
+        up0 = _load_weight_tile(up_rows, 0, offs_k, K)
+        up1 = _load_weight_tile(up_rows, BLOCK_K, offs_k, K)
     wait_previous_allow_next(PDL)
 
     # -- prologue: each row's inverse RMS over all of K (x is small and stays in L2) --
@@ -115,37 +105,31 @@ def _gemv_kernel(
             squares += x * x
         inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
 
-    # -- the weight stream: products of one [BLOCK_N, BLOCK_K] tile (two with GATED), reduced over K, the
-    # epilogue after the last K tile of each row block --
+    # -- the weight stream: products of one [BLOCK_N, BLOCK_K] tile (two with GATED), reduced over K --
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(steps):
-        cols = (step % k_steps) * BLOCK_K + offs_k
+    for k in range(0, K, BLOCK_K):
+        cols = k + offs_k
         x = tl.load(x_rows + cols[None, :], mask=m_ok & (cols < K)[None, :], other=0.0).to(tl.float32)
         if RMS_NORM:
             g = tl.load(G_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
             x = cast(x * inv_rms, X_ptr.dtype.element_ty).to(tl.float32) * g[None, :]
             x = cast(x, X_ptr.dtype.element_ty).to(tl.float32)
-        w2 = _load_weight_tile(W_ptr, N, K, w_row_stride, step + 2, k_steps, pid, programs, steps, BLOCK_N, BLOCK_K)
+        w2 = _load_weight_tile(w_rows, k + 2 * BLOCK_K, offs_k, K)
         acc += tl.sum(x[:, None, :] * w0.to(tl.float32)[None, :, :], axis=2)
         w0, w1 = w1, w2
         if GATED:
-            up2 = _load_weight_tile(
-                W_ptr + up, N, K, w_row_stride, step + 2, k_steps, pid, programs, steps, BLOCK_N, BLOCK_K
-            )
+            up2 = _load_weight_tile(up_rows, k + 2 * BLOCK_K, offs_k, K)
             acc_up += tl.sum(x[:, None, :] * up0.to(tl.float32)[None, :, :], axis=2)
             up0, up1 = up1, up2
-        if step % k_steps == k_steps - 1:
-            offs_n = (pid + (step // k_steps) * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
-            if GATED:
-                _gated_epilogue(acc, acc_up, offs_m, offs_n, M, N, B_ptr, Y_ptr, HAS_BIAS, ACTIVATION)
-            else:
-                _epilogue(
-                    acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
-                    HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
-                )  # fmt: skip
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if GATED:
+        _gated_epilogue(acc, acc_up, offs_m, offs_n, M, N, B_ptr, Y_ptr, HAS_BIAS, ACTIVATION)
+    else:
+        _epilogue(
+            acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
+            HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+        )  # fmt: skip
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -206,10 +190,7 @@ def gemv_fwd(
     config = config or pick_config(M, N, K, x.dtype)
     res_strides = (0, 0) if residual is None else residual.stride()
     pdl = pdl_supported(x.device) if pdl is None else pdl
-    programs = triton.cdiv(N, config.block_n)
-    if config.programs_per_sm:
-        programs = min(programs, config.programs_per_sm * sm_count(x.device))
-    _gemv_kernel[(programs,)](
+    _gemv_kernel[(triton.cdiv(N, config.block_n),)](
         x, weight, None if bias is None else bias.contiguous(), residual, out,
         None if rms_norm_weight is None else rms_norm_weight.contiguous(), M, N, K, float(rms_norm_eps),
         x.stride(0), weight.stride(0), *res_strides,
