@@ -284,7 +284,7 @@ def use_tritonize_attention(model: torch.nn.Module, report: Report) -> str | Non
         return None
     register()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_NAME)
+    set_attention_implementation(model, ATTN_NAME)
     seen: dict[type, bool] = {}
     count = sum(
         _calls_attention_interface(type(m), seen)
@@ -292,7 +292,7 @@ def use_tritonize_attention(model: torch.nn.Module, report: Report) -> str | Non
         for m in model.modules()
     )
     if count == 0:
-        model.set_attn_implementation(previous)
+        set_attention_implementation(model, previous)
         report.fall_back(name, "no module picks its attention from transformers' AttentionInterface")
         return None
     for module in model.modules():
@@ -302,5 +302,12 @@ def use_tritonize_attention(model: torch.nn.Module, report: Report) -> str | Non
 
 
 def set_attention_implementation(model: PreTrainedModel, name: str) -> None:
-    """Sets `name` ("eager", "sdpa", the value `use_tritonize_attention` returned...) on model and sub-models."""
+    """Sets `name` ("eager", "sdpa", the value `use_tritonize_attention` returned...) on model and sub-models.
+
+    transformers 5.17 leaves out sub-models holding a copy of the config rather than a sub-config of it (T5's
+    encoder and decoder stacks), so those are set one by one; 5.25 reaches them in the first call.
+    """
     model.set_attn_implementation(name)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation != name:
+            module.set_attn_implementation(name)
