@@ -43,14 +43,7 @@ PROMPT_LEN = 128
 FIELDS = {field.name for field in dataclasses.fields(gemv.GemvConfig)}
 
 
-def _occupancy_shape(config: dict) -> dict:
-    """The HF Llama config's sizes under the names `gemv_occupancy.projections` takes."""
-    return dict(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
-                heads=config["num_attention_heads"], kv_heads=config["num_key_value_heads"],
-                vocab=config["vocab_size"])
-
-
-TARGETS = (*projections(**_occupancy_shape(CONFIGS["llama-1.7gb"])), "*")  # projection names, or all
+TARGETS = (*projections(CONFIGS["llama-1.7gb"]), "*")  # projection names, or all
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, dict[str, int]] | Path]:
@@ -126,7 +119,8 @@ def main() -> None:
         parser.error(str(error))
     if len(variants) < len(args.variant):
         parser.error("two variants have the same name")
-    shapes = {(N, K): name for name, (N, K, _) in projections(**_occupancy_shape(CONFIGS[args.config])).items()}
+    settings = dict(zip(variants, args.variant, strict=True))  # name -> the text given
+    shapes = {(N, K): name for name, (N, K, _) in projections(CONFIGS[args.config]).items()}
     shipped = (gemv.gemv_fwd, gemv.pick_config)
     kernels = {name: kernel_copy(v) if isinstance(v, Path) else (shipped[0], config_picker(v, shapes, shipped[1]))
                for name, v in variants.items()}
@@ -166,7 +160,7 @@ def main() -> None:
     results = {}
     for name in kernels:
         difference = (logits[name] - logits[first]).norm() / logits[first].norm()
-        results[name] = dict(settings=args.variant[list(kernels).index(name)], step_us=step_us[name],
+        results[name] = dict(settings=settings[name], step_us=step_us[name],
                              step_us_median=statistics.median(step_us[name]),
                              logits_relative_difference=difference.item())
     fastest = sorted((r["step_us_median"], name) for name, r in results.items() if name != first)

@@ -21,6 +21,7 @@ import tempfile
 
 import torch
 import triton
+from tp_generate import CONFIGS
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -31,15 +32,12 @@ from tritonize.kernels import gemv
 REGISTERS, THREADS, PROGRAMS, SHARED, SHARED_RESERVED, REGISTER_UNIT = 65536, 2048, 32, 233472, 1024, 256
 DTYPE, POINTER_TYPE = torch.bfloat16, "*bf16"  # the decode step's weights and activations
 
-CONFIGS = {
-    "llama-1.7gb": dict(hidden=2048, intermediate=5632, heads=32, kv_heads=8, vocab=32000),
-    "llama-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
-}
-
-
-def projections(hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> dict[str, tuple]:
+def projections(config: dict) -> dict[str, tuple]:
     """(N, K, kernel flags) of each projection of a Llama-style decoder layer, and of the lm_head, as the
-    decode step launches them (norms fused into the QKV, gate/up and lm_head GEMVs)."""
+    decode step launches them (norms fused into the QKV, gate/up and lm_head GEMVs); config: the HF Llama
+    config's fields (tp_generate.CONFIGS)."""
+    hidden, intermediate, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = hidden // heads
     return {
         "qkv": ((heads + 2 * kv_heads) * head_dim, hidden, dict(RMS_NORM=True)),
@@ -96,7 +94,7 @@ def main() -> None:
     if triton.knobs.runtime.interpret:
         parser.error("run without TRITON_INTERPRET=1: this compiles the kernel for sm_90")
     rows = {name: occupancy(args.batch, N, K, flags, args.sms)
-            for name, (N, K, flags) in projections(**CONFIGS[args.config]).items()}
+            for name, (N, K, flags) in projections(CONFIGS[args.config]).items()}
     print(f"{args.config}, batch {args.batch}, sm_90, {args.sms} SMs")
     print("| projection | N x K | config | registers / thread | programs / SM | programs | waves | KB / program |")
     print("|---|---|---|---|---|---|---|---|")

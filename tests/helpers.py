@@ -1,6 +1,12 @@
-"""Test helpers: relative error against the fp64 reference with per-dtype thresholds, and NaN-poisoned outputs."""
+"""Test helpers: relative error against the fp64 reference with per-dtype thresholds, NaN-poisoned outputs, and
+Python in a fresh process (kernels compiled for a GPU target, not interpreted)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -78,3 +84,13 @@ class KernelLaunches:
                 self.recording = False
 
         return recorded
+
+
+def run_python(*args: str, interpret: bool = False) -> subprocess.CompletedProcess:
+    """`python ARGS` in a fresh process with tritonize's src on the path and, unless `interpret`, without
+    TRITON_INTERPRET: its kernels compile for real targets (sm_90 needs no GPU to compile for)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)

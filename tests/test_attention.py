@@ -1,14 +1,10 @@
 """Flash attention forward vs the fp64 reference: shapes, masks, bias, GQA, strides, bad input."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, poisoned
+from helpers import assert_close, poisoned, run_python
 
 import tritonize
 from tritonize.kernels import attention as attention_kernel
@@ -230,10 +226,7 @@ def test_pdl_waits_before_the_first_load():
     """Compiled for sm_90 (no GPU needed, no interpreter), the kernel with PDL waits for the previous kernel
     before it reads any input and then lets the next one launch: a load above the wait would race with the
     kernel that writes q, k, v."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", PDL_ORDER_CHECK], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = run_python("-c", PDL_ORDER_CHECK)
     assert result.returncode == 0, result.stderr[-3000:]
     wait, first_load, allow_next = map(int, result.stdout.split()[-3:])
     assert 0 <= wait < first_load and wait < allow_next, result.stdout

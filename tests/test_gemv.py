@@ -4,14 +4,12 @@ references: odd sizes, every row count it takes, NaN-poisoned outputs, bad input
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, poisoned
+from helpers import assert_close, poisoned, run_python
 
 import tritonize.ops
 from tritonize.kernels import gemv as gemv_module
@@ -147,20 +145,11 @@ def test_fused_ops_bad_input(device):
 OCCUPANCY_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gemv_occupancy.py"
 
 
-def _run_occupancy(*args: str, interpret: bool) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, str(OCCUPANCY_SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
 def test_occupancy_script_compiles_for_sm90_without_a_gpu(tmp_path):
     """benchmarks/gemv_occupancy.py compiles each Llama projection's GEMV for sm_90 (no GPU needed) and its
     programs per SM and waves follow from the registers it reads off the cubin."""
     out = tmp_path / "occupancy.json"
-    done = _run_occupancy("--batch", "2", "--sms", "100", "--json", str(out), interpret=False)
+    done = run_python(str(OCCUPANCY_SCRIPT), "--batch", "2", "--sms", "100", "--json", str(out), interpret=False)
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads(out.read_text())
     assert (table["batch"], table["sms"]) == (2, 100)
@@ -175,7 +164,7 @@ def test_occupancy_script_compiles_for_sm90_without_a_gpu(tmp_path):
 
 
 def test_occupancy_script_refuses_the_interpreter():
-    done = _run_occupancy(interpret=True)
+    done = run_python(str(OCCUPANCY_SCRIPT), interpret=True)
     assert done.returncode == 2 and "without TRITON_INTERPRET" in done.stderr
 
 
