@@ -11,7 +11,15 @@ from helpers import assert_close, poisoned
 import tritonize.ops
 from tritonize.kernels import linear as linear_module
 from tritonize.kernels import reference
-from tritonize.kernels.linear import LinearConfig, _pick_config, linear_configs, linear_epilogue_fwd, linear_fwd
+from tritonize.kernels.linear import (
+    LinearConfig,
+    _pick_config,
+    linear_configs,
+    linear_epilogue_fwd,
+    linear_fwd,
+    linear_layer_norm_fwd,
+)
+from tritonize.kernels.norm import layer_norm_fwd
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, *reference.ACTIVATIONS)
@@ -138,6 +146,61 @@ def test_non_contiguous(device):
     _check_fwd(x, weight, bias, "gelu", residual)
     x_strided = torch.randn(M, 2 * K, device=device)[:, ::2]
     _check_fwd(x_strided, weight, None, None, None)
+
+
+# -- layer norm in the split-K reduce (linear_layer_norm_fwd) ------------------------------------------
+
+
+def _layer_norm_reference(x, weight, bias, residual, norm_weight, norm_bias, eps):
+    """fp64 LayerNorm of the fp64 product with the residual, the sum first rounded to x's dtype as stored."""
+    h = _reference(x, weight, bias, None, residual).to(x.dtype).double()
+    return reference.layer_norm(h, *(None if p is None else p.double() for p in (norm_weight, norm_bias)), eps)[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N, K, split_k", [(1, 40, 100, 2), (7, 257, 64, 3), (16, 1000, 48, 2), (33, 24, 200, 4)])
+@pytest.mark.parametrize("affine", ["weight_bias", "none"])
+def test_layer_norm_in_the_split_k_reduce(M, N, K, split_k, affine, dtype, device, launches):
+    """The reduce of the partial sums also normalizes whole rows: against fp64, into a NaN-poisoned output,
+    with no norm kernel launched; in fp32 bit-equal to the product then the norm kernel."""
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    x = x + 3.0  # a large common offset in each row: the two-pass variance must not lose it
+    norm_weight, norm_bias = (torch.randn(N, device=device).to(dtype) for _ in range(2))
+    if affine == "none":
+        norm_weight = norm_bias = None
+    config = LinearConfig(16, 32, 16, group_m=1, split_k=split_k)
+    out = poisoned((M, N), dtype, device)
+    y = linear_fwd(x, weight, b, None, r, out=out, config=config, layer_norm=(norm_weight, norm_bias, 1e-5))
+    assert y is out and [name for name, _ in launches] == ["_linear_kernel"]
+    assert_close(y, _layer_norm_reference(x, weight, b, r, norm_weight, norm_bias, 1e-5), dtype)
+    fused = linear_layer_norm_fwd(x, weight, b, r, norm_weight, norm_bias, 1e-5, config=config)
+    if dtype == torch.float32:
+        unfused = layer_norm_fwd(linear_fwd(x, weight, b, None, r, config=config), norm_weight, norm_bias, 1e-5)[0]
+        assert torch.equal(fused, unfused)
+
+
+@pytest.mark.parametrize("config", [LinearConfig(16, 32, 16, group_m=1), None])
+def test_linear_layer_norm_without_a_split_runs_the_norm_kernel(config, device, monkeypatch):
+    """An unsplit config (given, or the heuristic's for these shapes) runs the product, then the norm kernel."""
+    x, weight, b, r = _inputs(20, 40, 32, torch.float32, device)
+    norm_weight, norm_bias = torch.randn(40, device=device), torch.randn(40, device=device)
+    if config is None:
+        assert _pick_config(20, 40, 32, torch.float32, torch.device(device)).split_k == 1
+    norms = []
+    monkeypatch.setattr(linear_module, "layer_norm_fwd", lambda *a, **k: norms.append(1) or layer_norm_fwd(*a, **k))
+    y = linear_layer_norm_fwd(x, weight, b, r, norm_weight, norm_bias, 1e-5, config=config)
+    assert norms == [1]
+    assert_close(y, _layer_norm_reference(x, weight, b, r, norm_weight, norm_bias, 1e-5), torch.float32)
+
+
+def test_layer_norm_needs_a_split_reduce(device):
+    x, weight, b, r = _inputs(4, 40, 32, torch.float32, device)
+    norm = (None, None, 1e-5)
+    with pytest.raises(ValueError, match="only in a split-K reduce"):
+        linear_fwd(x, weight, b, None, r, config=LinearConfig(16, 32, 16), layer_norm=norm)
+    wide = _inputs(4, linear_module.MAX_FUSED_NORM_COLS + 1, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="at most 8192 columns"):
+        linear_fwd(*wide[:3], None, wide[3], config=LinearConfig(16, 32, 16, split_k=2), layer_norm=norm)
 
 
 # -- persistent TMA kernel (M > 16) ---------------------------------------------------------------
@@ -402,3 +465,20 @@ def test_listed_configs_compile(M, device, launches):
         launches.clear()
         _check_fwd(x, weight, b, "gelu", r, config)
         assert launches[0][0] == ("_linear_persistent_kernel" if config.persistent else "_linear_kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K, config", [
+    (16, 768, 3072, LinearConfig(16, 32, 128, group_m=1, split_k=4)),  # bert-base's shipped configs
+    (128, 768, 3072, LinearConfig(64, 64, 64, split_k=4)),
+    (500, 768, 3072, LinearConfig(64, 128, 64, split_k=2)),
+    (16, 4096, 1024, LinearConfig(16, 128, 128, group_m=1, split_k=2)),
+])
+def test_layer_norm_in_the_split_k_reduce_real_sizes(M, N, K, config, dtype, device, launches):
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    norm_weight, norm_bias = (torch.randn(N, device=device).to(dtype) for _ in range(2))
+    out = poisoned((M, N), dtype, device)
+    y = linear_fwd(x, weight, b, None, r, out=out, config=config, layer_norm=(norm_weight, norm_bias, 1e-12))
+    assert [name for name, _ in launches] == ["_linear_kernel"]
+    assert_close(y, _layer_norm_reference(x, weight, b, r, norm_weight, norm_bias, 1e-12), dtype)

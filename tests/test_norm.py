@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import triton
 from helpers import assert_close, poisoned
 
 from tritonize import ops, tuning
+from tritonize.kernels import linear as linear_module
+from tritonize.kernels import norm as norm_module
 from tritonize.kernels import reference
+from tritonize.kernels.linear import LinearConfig
 from tritonize.kernels.norm import _layer_norm_fwd_kernel, launch_config, layer_norm_fwd, rms_norm_fwd
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,7 +88,7 @@ def test_kernel_writes_no_sum_without_store_sum(device):
     _layer_norm_fwd_kernel[(triton.cdiv(n_rows, rows_per_program),)](
         x, residual, y, h, weight, bias, n_cols, n_cols, n_cols, n_cols, n_rows, n_cols, 1e-5,
         HAS_RESIDUAL=True, STORE_SUM=False, HAS_WEIGHT=True, HAS_BIAS=True, ROWS_PER_PROGRAM=rows_per_program,
-        BLOCK_SIZE=block_size, num_warps=num_warps,
+        BLOCK_SIZE=block_size, PDL=False, num_warps=num_warps,
     )  # fmt: skip
     assert torch.isnan(h).all()
     assert_close(y, reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5, residual.double())[0],
@@ -266,40 +271,42 @@ def test_real_sizes(shape, dtype, with_residual, device):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("route", ["cublas", "tiled"])
+@pytest.mark.parametrize("route", ["cublas", "split", "unsplit"])
 def test_linear_layer_norm_routes(route, bias, tmp_path, monkeypatch, device):
-    """cuBLAS route (the tuning cache says so): the product (bias in addmm), then one norm kernel that adds
-    the residual and stores no sum; tiled route: the residual in the linear's epilogue, then the norm. Both
-    against the fp64 reference, at odd sizes."""
+    """The tuning cache's choice for the product decides the launches. cuBLAS: the product (bias in addmm),
+    then one norm kernel that adds the residual and stores no sum. A config splitting K: the tiled kernel,
+    then the reduce of the partial sums, which adds the residual and normalizes (no norm kernel). An unsplit
+    config: the residual in the tiled kernel's epilogue, then the norm kernel. All against the fp64
+    reference, at odd sizes."""
     monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
     card = torch.cuda.get_device_name() if device == "cuda" else "triton-interpreter"
     x, weight = torch.randn(3, 5, 40, device=device), torch.randn(24, 40, device=device) / 6
     b = torch.randn(24, device=device) if bias else None
     r, norm_weight, norm_bias = (torch.randn(3, 5, 24, device=device), torch.randn(24, device=device),
                                  torch.randn(24, device=device))
-    if route == "cublas":
-        key = f"M16 N24 K40 float32 none bias={bias} residual=True"
-        tuning.cache().put("linear", card, key, {"backend": ops.CUBLAS})
-    norms, tiled = [], []
-    real_norm, real_linear = ops.layer_norm_fwd, ops.linear_fwd
+    entry = {"cublas": {"backend": ops.CUBLAS},
+             "split": dataclasses.asdict(LinearConfig(16, 16, 16, group_m=1, split_k=2)),
+             "unsplit": dataclasses.asdict(LinearConfig(16, 16, 16, group_m=1))}[route]
+    tuning.cache().put("linear", card, f"M16 N24 K40 float32 none bias={bias} residual=True", entry)
+    launched = []
 
-    def norm_spy(x, weight, bias, eps, residual=None, **kwargs):
-        norms.append((residual, kwargs))
-        return real_norm(x, weight, bias, eps, residual, **kwargs)
+    def record(module, name):
+        kernel = getattr(module, name)
 
-    def linear_spy(x, weight, bias, activation, residual, **kwargs):
-        tiled.append(residual)
-        return real_linear(x, weight, bias, activation, residual, **kwargs)
+        class Recorder:
+            def __getitem__(self, grid):
+                launched.append(name)
+                return kernel[grid]
 
-    monkeypatch.setattr(ops, "layer_norm_fwd", norm_spy)
-    monkeypatch.setattr(ops, "linear_fwd", linear_spy)
-    monkeypatch.setattr(ops, "linear_epilogue_fwd", lambda *a, **k: pytest.fail("separate epilogue pass"))
+        monkeypatch.setattr(module, name, Recorder())
+
+    record(linear_module, "_linear_kernel")
+    record(linear_module, "_split_k_reduce_kernel")
+    record(norm_module, "_layer_norm_fwd_kernel")
     out = ops.linear_layer_norm(x, weight, b, r, norm_weight, norm_bias, 1e-6)
-    ((norm_residual, norm_kwargs),) = norms
-    if route == "cublas":
-        assert not tiled and norm_residual is not None and norm_kwargs == {"keep_sum": False}
-    else:
-        assert [t is not None for t in tiled] == [True] and norm_residual is None
+    assert launched == {"cublas": ["_layer_norm_fwd_kernel"],
+                        "split": ["_linear_kernel", "_split_k_reduce_kernel"],
+                        "unsplit": ["_linear_kernel", "_layer_norm_fwd_kernel"]}[route]
     h = reference.linear(x.double(), weight.double(), None if b is None else b.double(), None, r.double())
     expected, _ = reference.layer_norm(h, norm_weight.double(), norm_bias.double(), 1e-6)
     assert out.shape == (3, 5, 24)

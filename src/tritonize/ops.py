@@ -26,6 +26,7 @@ from tritonize.kernels.linear import (
     LinearConfig,
     linear_epilogue_fwd,
     linear_fwd,
+    linear_layer_norm_fwd,
     time_linear_configs,
     tuning_candidates,
 )
@@ -441,12 +442,16 @@ def _linear_layer_norm_op(
     if not _runs_triton(x):
         h = reference.linear(x2d, weight, bias, None, res2d)
         return reference.layer_norm(h, norm_weight, norm_bias, eps)[0].reshape(out_shape)
-    if not gemv.preferred(x2d, weight) and _tuned_linear_config(x2d, weight, bias, None, res2d) == CUBLAS:
+    if gemv.preferred(x2d, weight):  # the residual in the GEMV's epilogue, then the norm
+        y, _ = layer_norm_fwd(gemv.gemv_fwd(x2d, weight, bias, None, res2d), norm_weight, norm_bias, eps)
+        return y.reshape(out_shape)
+    tuned = _tuned_linear_config(x2d, weight, bias, None, res2d)
+    if tuned == CUBLAS:
         # cuBLAS's product (bias in addmm), then the residual add inside the norm kernel: h is never stored
         product = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
         y, _ = layer_norm_fwd(product, norm_weight, norm_bias, eps, res2d, keep_sum=False)
-    else:  # the residual in the linear's epilogue, then the norm
-        y, _ = layer_norm_fwd(_linear_2d(x2d, weight, bias, None, res2d), norm_weight, norm_bias, eps)
+    else:  # the residual in the linear's epilogue and the norm in its split-K reduce, or a norm kernel after
+        y = linear_layer_norm_fwd(x2d, weight, bias, res2d, norm_weight, norm_bias, eps, config=tuned)
     return y.reshape(out_shape)
 
 
@@ -469,8 +474,9 @@ def linear_layer_norm(
 
     Where the tuning cache sends the product to cuBLAS, bias rides in its addmm and the residual add moves
     into the norm kernel (one pass over [M, N] instead of a separate epilogue pass, and the sum is never
-    written); elsewhere ops.linear with the residual in its epilogue, then ops.layer_norm. Operands as in
-    ops.linear and ops.layer_norm.
+    written); elsewhere the residual rides in the linear's epilogue, and where its config splits K (short
+    inputs) the norm too, in the reduce kernel of the partial sums (one launch for product and norm);
+    otherwise ops.layer_norm's kernel follows. Operands as in ops.linear and ops.layer_norm.
     """
     _check_linear_args(x, weight, bias, None, residual)
     _check_norm_args(residual, None, eps, norm_weight=norm_weight, norm_bias=norm_bias)

@@ -21,15 +21,20 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tritonize.kernels.common import (
     INTERPRETED,
+    cast,
     dot,
     dot_precision,
     pdl_supported,
     wait_previous_allow_next,
 )
+from tritonize.kernels.norm import launch_config as norm_launch_config
+from tritonize.kernels.norm import layer_norm_fwd, layer_norm_rows
 
 SKINNY_MAX_M = 16  # tl.dot needs 16 rows; up to this many tokens the weight read dominates
 INTERPRETER_SM_COUNT = 4  # a pretend GPU: small CPU test shapes take the split-K paths and loop over tiles
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (an H100 block may opt into 227 KiB)
+# linear_layer_norm_fwd's split-K reduce holds whole rows in one program: up to this many columns
+MAX_FUSED_NORM_COLS = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,12 +152,23 @@ def _epilogue(
     rows = offs_m.to(tl.int64)[:, None]
     cols = offs_n[None, :]
     mask = (rows < M) & (cols < N)
+    acc = _epilogue_values(acc, rows, cols, mask, N, B_ptr, R_ptr, r_row_stride, r_col_stride,
+                           HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+    tl.store(Y_ptr + rows * N + cols, acc.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue_values(
+    acc, rows, cols, mask, N, B_ptr, R_ptr, r_row_stride, r_col_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """activation(acc + bias) + residual in fp32 at rows [BLOCK_M, 1] x cols [1, BLOCK_N] (loads under mask)."""
     if HAS_BIAS:
         acc += tl.load(B_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     acc = _activation(acc, ACTIVATION)
     if HAS_RESIDUAL:
         acc += tl.load(R_ptr + rows * r_row_stride + cols * r_col_stride, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y_ptr + rows * N + cols, acc.to(Y_ptr.dtype.element_ty), mask=mask)
+    return acc
 
 
 @triton.jit
@@ -260,16 +276,20 @@ def _linear_persistent_kernel(
 
 @triton.jit
 def _split_k_reduce_kernel(
-    Partial_ptr, B_ptr, R_ptr, Y_ptr, M, N, r_row_stride, r_col_stride,
+    Partial_ptr, B_ptr, R_ptr, Y_ptr, NW_ptr, NB_ptr, M, N, r_row_stride, r_col_stride, eps,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
+    LAYER_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Sums the SPLIT_K partials [SPLIT_K, M, N] in a fixed order, in fp32, then applies the epilogue.
 
     Partial_ptr: contiguous, fp32 from a split _linear_kernel, or (SPLIT_K=1) one finished product in
     any float dtype (`linear_epilogue_fwd`). Other pointers as in _linear_kernel; Y_ptr may be
-    Partial_ptr itself when SPLIT_K=1 (each element is read, then written, by the same program). PDL: as
-    in _linear_kernel. Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
+    Partial_ptr itself when SPLIT_K=1 (each element is read, then written, by the same program).
+    LAYER_NORM: Y = layer_norm(epilogue result rounded to Y's dtype) over each row, as norm.py's kernel
+    computes it on the stored sum (eps; NW_ptr, NB_ptr: norm weight and bias [N], contiguous, unused without
+    HAS_NORM_WEIGHT / HAS_NORM_BIAS); needs BLOCK_N >= N, one program holding whole rows. PDL: as in
+    _linear_kernel. Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
     """
     wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -279,10 +299,12 @@ def _split_k_reduce_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for split in range(SPLIT_K):
         acc += tl.load(Partial_ptr + (split * M + rows) * N + cols, mask=mask, other=0.0)
-    _epilogue(
-        acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
-        HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
-    )  # fmt: skip
+    acc = _epilogue_values(acc, rows, cols, mask, N, B_ptr, R_ptr, r_row_stride, r_col_stride,
+                           HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+    if LAYER_NORM:
+        h = tl.where(mask, cast(acc, Y_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        acc = layer_norm_rows(h, cols, mask, N, eps, NW_ptr, NB_ptr, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
+    tl.store(Y_ptr + rows * N + cols, cast(acc, Y_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.cache
@@ -432,12 +454,15 @@ def linear_fwd(
     residual: torch.Tensor | None,
     out: torch.Tensor | None = None,
     config: LinearConfig | None = None,
+    layer_norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
 ) -> torch.Tensor:
     """activation(x @ weight^T + bias) + residual as a contiguous [M, N] tensor in x's dtype.
 
     x: [M, K]; weight: [N, K]; bias: [N]; residual: [M, N]; any strides (validated by tritonize.ops).
     out: an optional contiguous [M, N] buffer to write. config: overrides the shape heuristic; a
     persistent config runs the tiled pointer kernel where x or weight cannot be read through TMA.
+    layer_norm: (weight, bias, eps), contiguous [N] or None each: the result is layer-normalized in the
+    split-K reduce (`linear_layer_norm_fwd`; the config must split K and N <= MAX_FUSED_NORM_COLS).
     """
     (M, K), N = x.shape, weight.shape[0]
     if out is None:
@@ -445,6 +470,9 @@ def linear_fwd(
     if M == 0:
         return out
     config = config or _pick_config(M, N, K, x.dtype, x.device)
+    if layer_norm is not None and (config.split_k == 1 or N > MAX_FUSED_NORM_COLS):
+        raise ValueError(f"linear_fwd applies a layer norm only in a split-K reduce of rows of at most "
+                         f"{MAX_FUSED_NORM_COLS} columns, got split_k={config.split_k}, N={N}")
     bias = None if bias is None else bias.contiguous()
     res_strides = (0, 0) if residual is None else residual.stride()
     flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None)
@@ -475,21 +503,58 @@ def linear_fwd(
         num_stages=config.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if config.split_k > 1:
-        _reduce_and_epilogue(partial, bias, activation, residual, out, config.split_k)
+        _reduce_and_epilogue(partial, bias, activation, residual, out, config.split_k, layer_norm)
     return out
 
 
-def _reduce_and_epilogue(partial, bias, activation, residual, out, split_k: int) -> None:
+def _reduce_and_epilogue(partial, bias, activation, residual, out, split_k: int, layer_norm=None) -> None:
+    """The split-K reduce kernel over partial into out; layer_norm: None or (weight, bias, eps) applied to
+    whole rows (one program per row block, rows grouped as norm.py's kernels group them)."""
     M, N = out.shape
-    block_m = min(16, triton.next_power_of_2(M))  # many small programs: bandwidth-bound
-    block_n = 256 if INTERPRETED else 64  # the interpreter pays per program
+    if layer_norm is None:
+        block_n = 256 if INTERPRETED else 64  # the interpreter pays per program
+        block_m, num_warps = min(16, triton.next_power_of_2(M)), 4  # many small programs: bandwidth-bound
+        norm_weight, norm_bias, eps = None, None, 0.0
+    else:
+        block_n, block_m, num_warps = norm_launch_config(M, N)
+        norm_weight, norm_bias, eps = layer_norm
     res_strides = (0, 0) if residual is None else residual.stride()
     pdl = pdl_supported(out.device)
     _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        partial, bias, residual, out, M, N, *res_strides,
+        partial, bias, residual, out, norm_weight, norm_bias, M, N, *res_strides, float(eps),
         HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None,
-        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, num_warps=4, launch_pdl=pdl,
+        SPLIT_K=split_k, LAYER_NORM=layer_norm is not None, HAS_NORM_WEIGHT=norm_weight is not None,
+        HAS_NORM_BIAS=norm_bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, num_warps=num_warps,
+        launch_pdl=pdl,
     )  # fmt: skip
+
+
+def linear_layer_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+    config: LinearConfig | None = None,
+) -> torch.Tensor:
+    """layer_norm(x @ weight^T + bias + residual) as a contiguous [M, N] tensor in x's dtype; the sum is
+    rounded to x's dtype before the norm, as if stored (the numerics of linear_fwd then layer_norm_fwd).
+
+    Where the config splits K (few output tiles: decode and short sequences) and rows have at most
+    MAX_FUSED_NORM_COLS columns, the split-K reduce kernel applies the epilogue and the norm, one launch
+    instead of two; otherwise linear_fwd then layer_norm_fwd. Operands as in linear_fwd and layer_norm_fwd;
+    config overrides the shape heuristic.
+    """
+    (M, K), N = x.shape, weight.shape[0]
+    config = config or _pick_config(M, N, K, x.dtype, x.device)
+    if config.split_k == 1 or N > MAX_FUSED_NORM_COLS:
+        product = linear_fwd(x, weight, bias, None, residual, config=config)
+        return layer_norm_fwd(product, norm_weight, norm_bias, eps, keep_sum=False)[0]
+    norm = (None if norm_weight is None else norm_weight.contiguous(),
+            None if norm_bias is None else norm_bias.contiguous(), eps)
+    return linear_fwd(x, weight, bias, None, residual, config=config, layer_norm=norm)
 
 
 def linear_epilogue_fwd(

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels.common import cast
+from tritonize.kernels.common import cast, pdl_supported, wait_previous_allow_next
 from tritonize.kernels.reference import RMS_NORM_VARIANTS
 
 # Short rows are grouped so that one program moves at least this many elements (e.g. 2 rows of 768). An H100
@@ -54,23 +54,10 @@ def _load_h(
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(
-    X_ptr, R_ptr, Y_ptr, H_ptr, W_ptr, B_ptr,
-    x_row_stride, r_row_stride, y_row_stride, h_row_stride, n_rows, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):  # fmt: skip
-    """y = (h - mean) / sqrt(var + eps) * weight + bias over each row of h = x (+ residual).
-
-    X_ptr, R_ptr: input and residual, [n_rows, n_cols], rows x_row_stride / r_row_stride apart,
-    columns contiguous. Y_ptr, H_ptr: outputs norm(h) and h, same layout with y_row_stride /
-    h_row_stride (R_ptr unused without HAS_RESIDUAL, H_ptr unless HAS_RESIDUAL and STORE_SUM). W_ptr,
-    B_ptr: [n_cols], contiguous, any float dtype (unused without HAS_WEIGHT / HAS_BIAS). Program i handles rows
-    i * ROWS_PER_PROGRAM onward; BLOCK_SIZE >= n_cols.
-    """
-    rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
-    h = _load_h(X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride,
-                HAS_RESIDUAL, STORE_SUM)
+def layer_norm_rows(h, cols, mask, n_cols, eps, W_ptr, B_ptr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(h - mean) / sqrt(var + eps) * weight + bias over each row of h [ROWS, BLOCK_SIZE] (fp32, zero outside
+    mask; cols [1, BLOCK_SIZE]); W_ptr, B_ptr as in _layer_norm_fwd_kernel. Also the epilogue of linear.py's
+    split-K reduce, which holds whole rows too."""
     # -- two-pass statistics on the rows in registers (exact for inputs with a large common offset) --
     mean = tl.sum(h, axis=1)[:, None] / n_cols
     centered = tl.where(mask, h - mean, 0.0)
@@ -81,6 +68,30 @@ def _layer_norm_fwd_kernel(
         y = y * _load_param(W_ptr, cols, n_cols)
     if HAS_BIAS:
         y = y + _load_param(B_ptr, cols, n_cols)
+    return y
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X_ptr, R_ptr, Y_ptr, H_ptr, W_ptr, B_ptr,
+    x_row_stride, r_row_stride, y_row_stride, h_row_stride, n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """y = (h - mean) / sqrt(var + eps) * weight + bias over each row of h = x (+ residual).
+
+    X_ptr, R_ptr: input and residual, [n_rows, n_cols], rows x_row_stride / r_row_stride apart,
+    columns contiguous. Y_ptr, H_ptr: outputs norm(h) and h, same layout with y_row_stride /
+    h_row_stride (R_ptr unused without HAS_RESIDUAL, H_ptr unless HAS_RESIDUAL and STORE_SUM). W_ptr,
+    B_ptr: [n_cols], contiguous, any float dtype (unused without HAS_WEIGHT / HAS_BIAS). Program i handles rows
+    i * ROWS_PER_PROGRAM onward; BLOCK_SIZE >= n_cols. PDL: launched as a programmatic dependent launch
+    (common.py).
+    """
+    wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
+    rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
+    h = _load_h(X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride,
+                HAS_RESIDUAL, STORE_SUM)
+    y = layer_norm_rows(h, cols, mask, n_cols, eps, W_ptr, B_ptr, HAS_WEIGHT, HAS_BIAS)
     _store_rows(Y_ptr, y, rows, cols, mask, y_row_stride)
 
 
@@ -90,7 +101,7 @@ def _rms_norm_fwd_kernel(
     x_row_stride, r_row_stride, y_row_stride, h_row_stride, n_rows, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
     ROUND_BEFORE_WEIGHT: tl.constexpr,
-    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """y = h / sqrt(mean(h^2) + eps) * (WEIGHT_OFFSET + weight) over each row of h = x (+ residual).
 
@@ -98,6 +109,7 @@ def _rms_norm_fwd_kernel(
     rounds the normalized value to the output dtype before the weight multiply (Llama, T5);
     WEIGHT_OFFSET is 1.0 for Gemma's (1 + weight), else 0.0.
     """
+    wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
     rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
     h = _load_h(X_ptr, R_ptr, H_ptr, rows, cols, mask, x_row_stride, r_row_stride, h_row_stride,
                 HAS_RESIDUAL, STORE_SUM)
@@ -123,8 +135,9 @@ def launch_config(n_rows: int, n_cols: int, min_elements: int = MIN_ELEMENTS_PER
     return block_size, rows, num_warps
 
 
-def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, keep_sum, **flags):
-    """Allocates outputs and launches `kernel` over the rows of x [n_rows, n_cols]; returns (y, h)."""
+def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, keep_sum, pdl, **flags):
+    """Allocates outputs and launches `kernel` over the rows of x [n_rows, n_cols]; returns (y, h).
+    pdl: launch as a programmatic dependent launch (None: where the GPU has it)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_rows, n_cols = x.shape
@@ -141,11 +154,12 @@ def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, keep_sum, **f
     # Unused pointers (no residual, no h, no weight/bias) point at x or y; the kernel never touches them.
     r = x if residual is None else residual
     h_buf = y if h is None else h
+    pdl = pdl_supported(x.device) if pdl is None else pdl
     kernel[(triton.cdiv(n_rows, rows_per_program),)](
         x, r, y, h_buf, *(x if p is None else p.contiguous() for p in params),
         x.stride(0), r.stride(0), y.stride(0), h_buf.stride(0), n_rows, n_cols, eps,
         HAS_RESIDUAL=residual is not None, STORE_SUM=h is not None, ROWS_PER_PROGRAM=rows_per_program,
-        BLOCK_SIZE=block_size, num_warps=num_warps, **flags,
+        BLOCK_SIZE=block_size, PDL=pdl, num_warps=num_warps, launch_pdl=pdl, **flags,
     )  # fmt: skip
     return y, h
 
@@ -159,14 +173,16 @@ def layer_norm_fwd(
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
     keep_sum: bool = True,
+    pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LayerNorm of h = x (+ residual) over rows of x [M, n_cols]; returns (y, h or None) in x's dtype.
 
     out / residual_out: optional preallocated [M, n_cols] outputs (last dim contiguous). keep_sum=False:
     h is not stored (None is returned for it) where nothing reads it, one write of [M, n_cols] less.
+    pdl: launch as a programmatic dependent launch (default: where the GPU has it, sm_90+).
     """
     return _norm_fwd(
-        _layer_norm_fwd_kernel, x, (weight, bias), eps, residual, out, residual_out, keep_sum,
+        _layer_norm_fwd_kernel, x, (weight, bias), eps, residual, out, residual_out, keep_sum, pdl,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
     )  # fmt: skip
 
@@ -180,15 +196,16 @@ def rms_norm_fwd(
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
     keep_sum: bool = True,
+    pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm of h = x (+ residual) with a model family's numerics (see reference.rms_norm).
 
     variant: "llama" or "t5" (round, then weight) or "gemma" ((1 + weight) in fp32, then round).
-    out, residual_out, keep_sum: as in layer_norm_fwd.
+    out, residual_out, keep_sum, pdl: as in layer_norm_fwd.
     """
     if variant not in RMS_NORM_VARIANTS:
         raise ValueError(f"variant must be one of {RMS_NORM_VARIANTS}, got {variant!r}")
     return _norm_fwd(
-        _rms_norm_fwd_kernel, x, (weight,), eps, residual, out, residual_out, keep_sum,
+        _rms_norm_fwd_kernel, x, (weight,), eps, residual, out, residual_out, keep_sum, pdl,
         WEIGHT_OFFSET=1.0 if variant == "gemma" else 0.0, ROUND_BEFORE_WEIGHT=variant != "gemma",
     )  # fmt: skip
