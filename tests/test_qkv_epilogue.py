@@ -6,6 +6,8 @@ as the unfused kernels; the decode step of the engine takes it."""
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +278,22 @@ def test_llama_shapes_gpu(batch):
     cos, sin = _cos_sin(batch, 64, "half", "cuda", torch.bfloat16)
     offsets = torch.tensor([1000, 37][:batch], dtype=torch.int32, device="cuda")
     _check(x, weight, None, norm_weight, cos, sin, 8, 64, 2048, offsets, "half")
+
+
+def test_ab_script_arguments():
+    """benchmarks/ab_decode_qkv_epilogue.py: batches 1 and 2 and decode rates by default; a batch the fusion does not
+    cover, a repeated one or no rounds are refused."""
+    benchmarks = str(Path(__file__).parents[1] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        import ab_decode_qkv_epilogue as ab
+    finally:
+        sys.path.remove(benchmarks)
+    args = ab.parse_args(["--out", "results"])
+    assert (args.config, args.batch, args.rounds, args.generate) == ("llama-1.7gb", [1, 2], 3, True)
+    assert args.out == "results"
+    args = ab.parse_args(["--batch", "2", "--no-generate", "--config", "tiny"])
+    assert (args.batch, args.generate, args.config) == ([2], False, "tiny")
+    for bad in (["--batch", str(GEMV_MAX_M + 1)], ["--batch", "1", "1"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            ab.parse_args(bad)
