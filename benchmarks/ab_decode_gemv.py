@@ -84,9 +84,15 @@ def kernel_copy(path: Path):
 
 
 def decode_rate(model, ids: torch.Tensor) -> float:
-    """New tokens per second of tritonize.generate between 32 and 256 new tokens (medians of 3 calls)."""
-    if hasattr(model, ENGINE_ATTRIBUTE):  # a fresh engine: its graphs capture this variant's kernels
+    """New tokens per second of tritonize.generate on a fresh engine (its graphs capture the current variant's
+    kernels) between 32 and 256 new tokens (medians of 3 calls)."""
+    if hasattr(model, ENGINE_ATTRIBUTE):
         delattr(model, ENGINE_ATTRIBUTE)
+    return engine_decode_rate(model, ids)
+
+
+def engine_decode_rate(model, ids: torch.Tensor) -> float:
+    """`decode_rate` with the engine cached on the model as it is (settings and kept graphs)."""
     mask = torch.ones_like(ids)
     tritonize.generate(model, ids, mask, max_new_tokens=256, eos_token_id=[])
     seconds = {}
