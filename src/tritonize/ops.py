@@ -780,6 +780,8 @@ def rms_norm_gated_mlp(
     return _rms_norm_gated_mlp_op(x, norm_weight, float(eps), gate_up_weight, bias, activation)
 
 
+# -- the QKV projection with rotary and the KV-cache write (decode) -----------------------------------
+
 
 @torch.library.custom_op("tritonize::qkv_rotary_cache_write", mutates_args=("k_cache", "v_cache"))
 def _qkv_rotary_cache_write_op(
@@ -866,6 +868,7 @@ def qkv_rotary_cache_write(
     _check_rotary_cache_write_args(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved)
     return _qkv_rotary_cache_write_op(x, norm_weight, float(eps), weight, bias, cos, sin, k_cache, v_cache,
                                       write_offsets, interleaved)
+
 
 # -- decode attention -----------------------------------------------------------------------------
 
