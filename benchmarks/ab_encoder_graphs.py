@@ -30,11 +30,11 @@ from tritonize.bench.models import build_model
 from tritonize.kernels import attention, linear, norm
 
 
-def switches(attention_pdl=True, norm_pdl=True, norm_in_reduce=True) -> dict:
+def switches(attention_pdl=True, norm_pdl=False, norm_in_reduce=True) -> dict:
     """(module, attribute) -> value for one variant; the defaults are what tritonize ships."""
     return {
         (attention, "pdl_supported"): lambda device: attention_pdl,
-        (norm, "pdl_supported"): lambda device: norm_pdl,
+        (norm, "PDL_BY_DEFAULT"): norm_pdl,
         (linear, "MAX_FUSED_NORM_COLS"): linear.MAX_FUSED_NORM_COLS if norm_in_reduce else 0,
     }
 
@@ -45,10 +45,10 @@ EXPERIMENTS = {
         "attention pdl on": switches(),
     },
     "layer-norm": {
-        "norm kernel, no pdl": switches(norm_pdl=False, norm_in_reduce=False),
-        "norm kernel, pdl": switches(norm_in_reduce=False),
-        "norm in reduce, no pdl": switches(norm_pdl=False),
-        "norm in reduce, pdl": switches(),
+        "norm kernel, no pdl": switches(norm_in_reduce=False),
+        "norm kernel, pdl": switches(norm_pdl=True, norm_in_reduce=False),
+        "norm in reduce, no pdl": switches(),
+        "norm in reduce, pdl": switches(norm_pdl=True),
     },
 }
 SHAPES = {"attention-pdl": [(1, 16), (1, 128), (8, 128), (32, 128)],

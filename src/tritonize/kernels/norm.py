@@ -17,6 +17,10 @@ from tritonize.kernels.reference import RMS_NORM_VARIANTS
 # sweep of LayerNorm (fp16, 2026-11-26) preferred 2048 to 4096: 4096x768 rows 5.1 vs 6.9 us, 16384x768 17.8 vs
 # 20.8 us, 16x768 1.8 vs 2.1 us; equal at 384 and 2048+ columns.
 MIN_ELEMENTS_PER_PROGRAM = 2048
+# Whether the norm kernels launch with programmatic dependent launch when the caller does not say (`pdl=`):
+# not by default. Together with the attention kernel's, it made bert-base 8 x 128 slower on an H100 (0.778 ->
+# 0.828 ms, 2026-12-06), and the attention kernel's alone was neutral there later (docs/kernels.md).
+PDL_BY_DEFAULT = False
 
 @triton.jit
 def _row_block(n_rows, n_cols, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
@@ -137,7 +141,7 @@ def launch_config(n_rows: int, n_cols: int, min_elements: int = MIN_ELEMENTS_PER
 
 def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, keep_sum, pdl, **flags):
     """Allocates outputs and launches `kernel` over the rows of x [n_rows, n_cols]; returns (y, h).
-    pdl: launch as a programmatic dependent launch (None: where the GPU has it)."""
+    pdl: launch as a programmatic dependent launch (None: PDL_BY_DEFAULT, where the GPU has it)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_rows, n_cols = x.shape
@@ -154,7 +158,7 @@ def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, keep_sum, pdl
     # Unused pointers (no residual, no h, no weight/bias) point at x or y; the kernel never touches them.
     r = x if residual is None else residual
     h_buf = y if h is None else h
-    pdl = pdl_supported(x.device) if pdl is None else pdl
+    pdl = PDL_BY_DEFAULT and pdl_supported(x.device) if pdl is None else pdl
     kernel[(triton.cdiv(n_rows, rows_per_program),)](
         x, r, y, h_buf, *(x if p is None else p.contiguous() for p in params),
         x.stride(0), r.stride(0), y.stride(0), h_buf.stride(0), n_rows, n_cols, eps,
@@ -179,7 +183,7 @@ def layer_norm_fwd(
 
     out / residual_out: optional preallocated [M, n_cols] outputs (last dim contiguous). keep_sum=False:
     h is not stored (None is returned for it) where nothing reads it, one write of [M, n_cols] less.
-    pdl: launch as a programmatic dependent launch (default: where the GPU has it, sm_90+).
+    pdl: launch as a programmatic dependent launch (sm_90+ only; default: PDL_BY_DEFAULT, off).
     """
     return _norm_fwd(
         _layer_norm_fwd_kernel, x, (weight, bias), eps, residual, out, residual_out, keep_sum, pdl,
