@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 import triton
-from ab_decode_gemv import PROMPT_LEN, engine_decode_rate
+from ab_decode_gemv import PROMPT_LEN, engine_decode_rate, time_decode_steps
 from tp_generate import CONFIGS, random_llama
-from triton.testing import do_bench
 
 import tritonize
 from tritonize.generation.api import _engine
@@ -62,28 +61,7 @@ def measure(model: torch.nn.Module, batch: int, rounds: int, generate: bool) -> 
     """Step replay times (per round), logits difference to the fused step and decode rates, per variant."""
     ids = torch.randint(2, model.config.vocab_size - 1, (batch, PROMPT_LEN), device="cuda")
     tritonize.generate(model, ids, torch.ones_like(ids), max_new_tokens=8, eos_token_id=[])  # compiles the rest
-    engine = _engine(model)
-    engine.reserve(batch, PROMPT_LEN + 64)
-    graphs, logits = {}, {}
-    with torch.no_grad():
-        engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
-        tokens, seqlens = ids[:, -1].clone(), engine.cache_seqlens.clone()
-
-        def step() -> torch.Tensor:
-            engine.cache_seqlens.copy_(seqlens)  # stay at one position: every replay does the same work
-            return engine.step(tokens)
-
-        for name in VARIANTS:
-            use(model, name)
-            logits[name] = step().float()
-            graphs[name] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[name]):
-                step()
-        step_us = {name: [] for name in VARIANTS}
-        for _ in range(rounds):
-            for name, graph in graphs.items():
-                step_us[name].append(do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3)
-    del graphs
+    step_us, logits = time_decode_steps(model, ids, list(VARIANTS), lambda name: use(model, name), rounds)
     results = {}
     for name in VARIANTS:
         difference = (logits[name] - logits["fused"]).norm() / logits["fused"].norm()
