@@ -84,15 +84,9 @@ def kernel_copy(path: Path):
 
 
 def decode_rate(model, ids: torch.Tensor) -> float:
-    """New tokens per second of tritonize.generate on a fresh engine (its graphs capture the current variant's
-    kernels) between 32 and 256 new tokens (medians of 3 calls)."""
-    if hasattr(model, ENGINE_ATTRIBUTE):
+    """New tokens per second of tritonize.generate between 32 and 256 new tokens (medians of 3 calls)."""
+    if hasattr(model, ENGINE_ATTRIBUTE):  # a fresh engine: its graphs capture this variant's kernels
         delattr(model, ENGINE_ATTRIBUTE)
-    return engine_decode_rate(model, ids)
-
-
-def engine_decode_rate(model, ids: torch.Tensor) -> float:
-    """`decode_rate` with the engine cached on the model as it is (settings and kept graphs)."""
     mask = torch.ones_like(ids)
     tritonize.generate(model, ids, mask, max_new_tokens=256, eos_token_id=[])
     seconds = {}
@@ -106,35 +100,6 @@ def engine_decode_rate(model, ids: torch.Tensor) -> float:
             runs.append(time.perf_counter() - start)
         seconds[new_tokens] = statistics.median(runs)
     return (256 - 32) / (seconds[256] - seconds[32])
-
-
-def time_decode_steps(model, ids: torch.Tensor, names: list[str], use, rounds: int):
-    """Prefills ids [batch, PROMPT_LEN] once, then per variant name (after `use(name)`) captures one decode step
-    of the model's engine in a CUDA graph and times its replays (do_bench medians, us) in `rounds` interleaved
-    rounds. Returns ({name: [us per round]}, {name: the step's logits, fp32}). The engine must exist
-    (a `tritonize.generate` call on the model first, which also compiles everything else)."""
-    engine = _engine(model)
-    engine.reserve(ids.shape[0], PROMPT_LEN + 64)
-    graphs, logits = {}, {}
-    with torch.no_grad():
-        engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
-        tokens, seqlens = ids[:, -1].clone(), engine.cache_seqlens.clone()
-
-        def step() -> torch.Tensor:
-            engine.cache_seqlens.copy_(seqlens)  # stay at one position: every replay does the same work
-            return engine.step(tokens)
-
-        for name in names:
-            use(name)
-            logits[name] = step().float()
-            graphs[name] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[name]):
-                step()
-        step_us = {name: [] for name in names}
-        for _ in range(rounds):
-            for name, graph in graphs.items():
-                step_us[name].append(do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3)
-    return step_us, logits
 
 
 def main() -> None:
@@ -169,7 +134,28 @@ def main() -> None:
     ids = torch.randint(2, model.config.vocab_size - 1, (args.batch, PROMPT_LEN), device="cuda")
     use(next(iter(kernels)))
     tritonize.generate(model, ids, torch.ones_like(ids), max_new_tokens=8, eos_token_id=[])  # compiles the rest
-    step_us, logits = time_decode_steps(model, ids, list(kernels), use, args.rounds)
+    engine = _engine(model)
+    engine.reserve(args.batch, PROMPT_LEN + 64)
+    graphs, logits = {}, {}
+    with torch.no_grad():
+        engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        tokens, seqlens = ids[:, -1].clone(), engine.cache_seqlens.clone()
+
+        def step() -> torch.Tensor:
+            engine.cache_seqlens.copy_(seqlens)  # stay at one position: every replay does the same work
+            return engine.step(tokens)
+
+        for name in kernels:
+            use(name)
+            logits[name] = step().float()
+            graphs[name] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[name]):
+                step()
+        step_us = {name: [] for name in kernels}
+        for _ in range(args.rounds):
+            for name, graph in graphs.items():
+                step_us[name].append(do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3)
+    del graphs
     first = next(iter(kernels))
     results = {}
     for name in kernels:

@@ -34,13 +34,13 @@ DTYPE, POINTER_TYPE = torch.bfloat16, "*bf16"  # the decode step's weights and a
 
 def projections(config: dict) -> dict[str, tuple]:
     """(N, K, kernel flags) of each projection of a Llama-style decoder layer, and of the lm_head, as the
-    decode step launches them (norms fused into the QKV, gate/up and lm_head GEMVs, rotary and the KV-cache
-    write into the QKV GEMV's epilogue); config: the HF Llama config's fields (tp_generate.CONFIGS)."""
+    decode step launches them (norms fused into the QKV, gate/up and lm_head GEMVs); config: the HF Llama
+    config's fields (tp_generate.CONFIGS)."""
     hidden, intermediate, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = hidden // heads
     return {
-        "qkv": ((heads + 2 * kv_heads) * head_dim, hidden, dict(RMS_NORM=True, QKV=True, ROTARY="half")),
+        "qkv": ((heads + 2 * kv_heads) * head_dim, hidden, dict(RMS_NORM=True)),
         "o": (hidden, hidden, dict(HAS_RESIDUAL=True)),
         "gate_up": (intermediate, hidden, dict(RMS_NORM=True, GATED=True, ACTIVATION="silu")),
         "down": (hidden, intermediate, dict(HAS_RESIDUAL=True)),
@@ -61,15 +61,12 @@ def registers_per_thread(kernel) -> int:
 
 def occupancy(M: int, N: int, K: int, flags: dict, sms: int) -> dict:
     config = gemv.pick_config(M, N, K, DTYPE)
-    constexprs = dict(HAS_BIAS=False, ACTIVATION="none", HAS_RESIDUAL=False, RMS_NORM=False, GATED=False, QKV=False,
-                      ROTARY="none", BLOCK_M=triton.next_power_of_2(M), BLOCK_N=config.block_n,
-                      BLOCK_K=config.block_k, PDL=True)
+    constexprs = dict(HAS_BIAS=False, ACTIVATION="none", HAS_RESIDUAL=False, RMS_NORM=False, GATED=False,
+                      BLOCK_M=triton.next_power_of_2(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=True)
     constexprs.update(flags)
-    pointers = ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr", "G_ptr", "KCache_ptr", "VCache_ptr", "Cos_ptr", "Sin_ptr")
-    scalars = ("M", "N", "K", "x_row_stride", "w_row_stride", "r_row_stride", "r_col_stride", "heads", "kv_heads",
-               "head_dim", "rotary_dim", "cache_len", "cos_row_stride", "cos_col_stride")
-    signature = {**{p: POINTER_TYPE for p in pointers}, **{s: "i32" for s in scalars}, "eps": "fp32",
-                 "Offsets_ptr": "*i32"}
+    pointers = ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr", "G_ptr")
+    scalars = ("M", "N", "K", "x_row_stride", "w_row_stride", "r_row_stride", "r_col_stride")
+    signature = {**{p: POINTER_TYPE for p in pointers}, **{s: "i32" for s in scalars}, "eps": "fp32"}
     signature = {name: signature.get(name, "constexpr") for name in gemv._gemv_kernel.arg_names}
     names = list(signature)
     source = ASTSource(gemv._gemv_kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})

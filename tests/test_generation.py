@@ -101,44 +101,6 @@ def test_prefill_and_step_logits_match_hf(family):
         assert relative_error(got, want) < 1e-5
 
 
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "qwen3"])
-def test_decode_step_fuses_the_qkv_epilogue(family, monkeypatch):
-    """At decode (batch 1 and 2: the GEMV) each layer's QKV projection, rotary and KV-cache write are one kernel
-    (gemv's QKV epilogue), rotary_cache_write's kernel never runs; with fuse_qkv_epilogue=False it runs instead, and
-    the logits are the same bits (fp32). Qwen3's per-head q/k norms keep the unfused kernels."""
-    from tritonize.kernels import gemv
-
-    calls = {"fused": 0, "rotary_cache_write": 0}
-
-    def counted(name, function):
-        def count(*args, **kwargs):
-            calls[name] += 1
-            return function(*args, **kwargs)
-        return count
-
-    monkeypatch.setattr(gemv, "qkv_rotary_cache_write_fwd", counted("fused", gemv.qkv_rotary_cache_write_fwd))
-    monkeypatch.setattr(ops, "rotary_cache_write_fwd", counted("rotary_cache_write", ops.rotary_cache_write_fwd))
-    model = tiny(family)
-    layers, steps = model.config.num_hidden_layers, 2
-    fusable = family != "qwen3"
-    for batch in (1, 2):
-        ids, mask = left_padded([6, 4][:batch], 6)
-        new = torch.randint(3, VOCAB, (batch, steps))
-        logits = {}
-        for fuse in (True, False):
-            engine = DecoderEngine(model, fuse_qkv_epilogue=fuse)
-            assert engine.rebuilt().fuse_qkv_epilogue == fuse
-            engine.reserve(batch, 6 + steps)
-            engine.prefill(ids, mask.bool())
-            calls.update(fused=0, rotary_cache_write=0)
-            logits[fuse] = [engine.step(new[:, i]) for i in range(steps)]
-            fused = fuse and fusable
-            assert calls == {"fused": layers * steps if fused else 0,
-                             "rotary_cache_write": 0 if fused else layers * steps}, (batch, fuse)
-        for got, want in zip(logits[True], logits[False], strict=True):
-            assert torch.equal(got, want)
-
 def test_eos_stops_and_pads_like_hf():
     model = tiny("llama")
     ids, mask = left_padded([5, 3], 5)

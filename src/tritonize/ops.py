@@ -34,8 +34,8 @@ from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
 from tritonize.kernels.rotary import rotary_cache_write_fwd, rotary_fwd
 
 __all__ = ["attention", "linear", "layer_norm", "linear_layer_norm", "rms_norm", "rotary", "rotary_cache_write",
-           "gated_mlp", "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "qkv_rotary_cache_write",
-           "decode_attention", "SUPPORTED_DTYPES"]
+           "gated_mlp", "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "decode_attention",
+           "SUPPORTED_DTYPES"]
 
 logger = logging.getLogger("tritonize")
 
@@ -595,13 +595,6 @@ def rotary_cache_write(
     a sync; positions outside [0, cache_len) are skipped, never written out of bounds. Returns the rotated q
     as a new contiguous tensor in q's dtype.
     """
-    _check_rotary_cache_write_args(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved)
-    q_out = None if cos is None else torch.empty_like(q, memory_format=torch.contiguous_format)
-    _rotary_cache_write_op(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out)
-    return q if q_out is None else q_out
-
-
-def _check_rotary_cache_write_args(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved) -> None:
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must both be tensors, or both None (no rotation)")
     if cos is None:
@@ -637,6 +630,9 @@ def _check_rotary_cache_write_args(q, k, v, cos, sin, k_cache, v_cache, write_of
         raise ValueError(f"write_offsets must have shape (batch,) = ({batch},), got {tuple(write_offsets.shape)}")
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    q_out = None if cos is None else torch.empty_like(q, memory_format=torch.contiguous_format)
+    _rotary_cache_write_op(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out)
+    return q if q_out is None else q_out
 
 
 # -- gated MLP ------------------------------------------------------------------------------------
@@ -778,96 +774,6 @@ def rms_norm_gated_mlp(
     _check_norm_args(x, None, eps, norm_weight=norm_weight)
     _check_gated_mlp_args(x, gate_up_weight, bias, activation)
     return _rms_norm_gated_mlp_op(x, norm_weight, float(eps), gate_up_weight, bias, activation)
-
-
-# -- the QKV projection with rotary and the KV-cache write (decode) -----------------------------------
-
-
-@torch.library.custom_op("tritonize::qkv_rotary_cache_write", mutates_args=("k_cache", "v_cache"))
-def _qkv_rotary_cache_write_op(
-    x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-    cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    write_offsets: torch.Tensor, interleaved: bool,
-) -> torch.Tensor:
-    if not _runs_triton(x):
-        q = reference.qkv_rotary_cache_write(x, weight, bias, cos, sin, k_cache, v_cache, write_offsets, interleaved,
-                                             norm_weight, eps)
-        return q.contiguous()
-    batch, seq, _ = x.shape
-    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
-    heads = weight.shape[0] // head_dim - 2 * kv_heads
-    x2d = x.reshape(-1, x.shape[-1])
-    if seq == 1 and head_dim % 2 == 0 and gemv.preferred(x2d, weight):  # one kernel
-        return gemv.qkv_rotary_cache_write_fwd(x2d, weight, bias, cos, sin, k_cache, v_cache, write_offsets,
-                                               interleaved, rms_norm_weight=norm_weight, rms_norm_eps=eps)
-    # the projection's kernel(s), then rotary_cache_write's
-    if norm_weight is None:
-        qkv = _linear_op(x, weight, bias, "none", None)
-    else:
-        qkv = _rms_norm_linear_op(x, norm_weight, eps, weight, bias)
-    qkv = qkv.view(batch, seq, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
-    if cos is None:  # k and v only written; q as the op returns it everywhere: contiguous
-        _rotary_cache_write_op(q, k, v, None, None, k_cache, v_cache, write_offsets, interleaved, None)
-        return q.contiguous()
-    q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _rotary_cache_write_op(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved, q_out)
-    return q_out
-
-
-@_qkv_rotary_cache_write_op.register_fake
-def _(x, norm_weight, eps, weight, bias, cos, sin, k_cache, v_cache, write_offsets, interleaved):
-    head_dim = k_cache.shape[3]
-    heads = weight.shape[0] // head_dim - 2 * k_cache.shape[1]
-    return x.new_empty((x.shape[0], heads, x.shape[1], head_dim))
-
-
-def qkv_rotary_cache_write(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    write_offsets: torch.Tensor,
-    *,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    interleaved: bool = False,
-) -> torch.Tensor:
-    """An attention block's input half: the packed QKV projection of x (RMS-normalized first when norm_weight is
-    given), then `rotary_cache_write` of its q, k and v; returns the rotated q, [batch, heads, seq, head_dim],
-    a new contiguous tensor in x's dtype.
-
-    x: [batch, seq, hidden]. weight: [(heads + 2 * kv_heads) * head_dim, hidden], the rows of q's heads, then
-    k's, then v's (as `sibling_linears` packs q_proj, k_proj, v_proj); bias: [that many] or None. kv_heads and
-    head_dim are the caches', heads follows from weight's rows. cos, sin, k_cache, v_cache, write_offsets and
-    interleaved as `rotary_cache_write` takes them (cos = sin = None: nothing rotated, GPT-2). norm_weight, eps:
-    RMSNorm as `rms_norm_linear` computes it.
-
-    At decode sizes (seq 1, at most gemv.GEMV_MAX_M sequences, a weight the GEMV streams, head_dim even) one
-    kernel: the GEMV's epilogue rotates q and k and stores k and v into the caches. Otherwise the kernels of
-    `rms_norm_linear` (or `linear`) and `rotary_cache_write`, with the same result.
-    """
-    _check_tensor("x", x, ndim=3)
-    _check_linear_args(x, weight, bias, None, None)
-    if norm_weight is not None:
-        _check_norm_args(x, None, eps, norm_weight=norm_weight)
-    _check_tensor("k_cache", k_cache, ndim=4)
-    batch, seq, _ = x.shape
-    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
-    rows = weight.shape[0]
-    if head_dim == 0 or rows % head_dim or rows // head_dim <= 2 * kv_heads:
-        raise ValueError(f"weight has {rows} rows; a packed QKV weight has (heads + 2 * kv_heads) * head_dim with "
-                         f"heads >= 1, kv_heads = k_cache.shape[1] = {kv_heads}, head_dim = k_cache.shape[3] = "
-                         f"{head_dim}")
-    # stand-ins of the projection's q, k and v (no memory) for rotary_cache_write's checks
-    projection = x.new_empty(()).expand(batch, rows // head_dim, seq, head_dim)
-    q, k, v = projection.split([rows // head_dim - 2 * kv_heads, kv_heads, kv_heads], dim=1)
-    _check_rotary_cache_write_args(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved)
-    return _qkv_rotary_cache_write_op(x, norm_weight, float(eps), weight, bias, cos, sin, k_cache, v_cache,
-                                      write_offsets, interleaved)
 
 
 # -- decode attention -----------------------------------------------------------------------------

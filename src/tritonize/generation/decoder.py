@@ -95,15 +95,6 @@ class Norm:
                                           bias=bias)
         return ops.gated_mlp(self(x), gate_up_weight, activation=activation, bias=bias)
 
-    def qkv_rotary_cache_write(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rotation,
-                               k_cache: torch.Tensor, v_cache: torch.Tensor, write_at: torch.Tensor) -> torch.Tensor:
-        """ops.qkv_rotary_cache_write of self(x) (rotation: (cos, sin) or None), fused like `linear`."""
-        cos, sin = rotation if rotation is not None else (None, None)
-        if self.rms:
-            return ops.qkv_rotary_cache_write(x, weight, bias, cos, sin, k_cache, v_cache, write_at,
-                                              norm_weight=self.weight, eps=self.eps)
-        return ops.qkv_rotary_cache_write(self(x), weight, bias, cos, sin, k_cache, v_cache, write_at)
-
 
 @dataclass
 class Layer:
@@ -129,18 +120,10 @@ class DecoderEngine:
     model: an HF *ForCausalLM of a type in SUPPORTED_MODEL_TYPES, in eval mode. tp_rank / tp_size /
     process_group: tensor parallelism over torch.distributed (see the module docstring). device: where
     the engine's weights and caches live (default: the model's device).
-
-    fuse_qkv_epilogue (attribute and argument, default True): a decode step's attention input (norm, QKV
-    projection, rotary, KV-cache write) is one `ops.qkv_rotary_cache_write` call, a single GEMV kernel at
-    decode sizes; False keeps the two kernels of `rms_norm_linear` (or `linear`) and `rotary_cache_write`, as
-    prefill always runs them (for A/B runs: benchmarks/ab_decode_qkv_epilogue.py). Qwen3's per-head q/k norms
-    need whole heads before rotary: those layers always take the two kernels. Changing it on an engine whose
-    decode graphs were captured takes effect once `decode_graphs.clear()` drops them.
     """
 
     def __init__(self, model: torch.nn.Module, *, tp_rank: int = 0, tp_size: int = 1, process_group=None,
-                 device: torch.device | str | None = None, all_reduce: str = "auto",
-                 fuse_qkv_epilogue: bool = True) -> None:
+                 device: torch.device | str | None = None, all_reduce: str = "auto") -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"tritonize generation does not support model type {config.model_type!r} "
@@ -150,7 +133,6 @@ class DecoderEngine:
         self.model, self.config = model, config
         self.tp_rank, self.tp_size, self.process_group = tp_rank, tp_size, process_group
         self.all_reduce = all_reduce
-        self.fuse_qkv_epilogue = fuse_qkv_epilogue
         self.requested_device = device
         self.device = torch.device(device) if device is not None else model.lm_head.weight.device
         self.shares_weights = tp_size == 1 and self.device == model.lm_head.weight.device
@@ -284,7 +266,7 @@ class DecoderEngine:
         """A new engine over the model's current parameters, on this one's ranks, group and device."""
         return DecoderEngine(self.model, tp_rank=self.tp_rank, tp_size=self.tp_size,
                              process_group=self.process_group, device=self.requested_device,
-                             all_reduce=self.all_reduce, fuse_qkv_epilogue=self.fuse_qkv_epilogue)
+                             all_reduce=self.all_reduce)
 
     # -- caches -------------------------------------------------------------------------------------
 
@@ -338,18 +320,14 @@ class DecoderEngine:
         layer = self.layers[index]
         batch, seq, _ = h.shape
         rank0 = self.tp_rank == 0
-        if self.fuse_qkv_epilogue and seq == 1 and layer.q_norm is None:  # decode: one kernel up to the caches
-            q = layer.attn_norm.qkv_rotary_cache_write(h, layer.qkv_weight, layer.qkv_bias, rotation,
-                                                       self.k_caches[index], self.v_caches[index], write_at)
-        else:
-            qkv = layer.attn_norm.linear(h, layer.qkv_weight, layer.qkv_bias)
-            qkv = qkv.view(batch, seq, self.local_heads + 2 * self.local_kv_heads, self.head_dim)
-            q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=2)
-            if layer.q_norm is not None:
-                q, k = layer.q_norm(q), layer.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            cos, sin = rotation if rotation is not None else (None, None)
-            q = ops.rotary_cache_write(q, k, v, cos, sin, self.k_caches[index], self.v_caches[index], write_at)
+        qkv = layer.attn_norm.linear(h, layer.qkv_weight, layer.qkv_bias)
+        qkv = qkv.view(batch, seq, self.local_heads + 2 * self.local_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=2)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = rotation if rotation is not None else (None, None)
+        q = ops.rotary_cache_write(q, k, v, cos, sin, self.k_caches[index], self.v_caches[index], write_at)
         out = attend(index, q).reshape(batch, seq, self.local_heads * self.head_dim)
         h = self._sum_ranks(ops.linear(out, layer.o_weight, layer.o_bias, residual=h if rank0 else None))
         if layer.gated:

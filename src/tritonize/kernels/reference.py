@@ -206,32 +206,6 @@ def rotary_cache_write(
     return q
 
 
-
-def qkv_rotary_cache_write(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    write_offsets: torch.Tensor,
-    interleaved: bool = False,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
-) -> torch.Tensor:
-    """`rotary_cache_write` of the packed projection qkv = linear(rms_norm(x) or x, weight, bias) of x [batch,
-    seq, hidden]: weight [(heads + 2 * kv_heads) * head_dim, hidden] holds q's heads, then k's, then v's, with
-    kv_heads and head_dim those of the caches. Returns q rotated, [batch, heads, seq, head_dim]."""
-    if norm_weight is not None:
-        x = rms_norm(x, norm_weight, eps)[0]
-    batch, seq, _ = x.shape
-    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
-    heads = weight.shape[0] // head_dim - 2 * kv_heads
-    qkv = linear(x, weight, bias).view(batch, seq, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
-    return rotary_cache_write(q, k, v, cos, sin, k_cache, v_cache, write_offsets, interleaved)
-
 # -- gated MLP ----------------------------------------------------------------------------------------
 
 GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # SwiGLU, GeGLU (erf), GeGLU (tanh)
