@@ -9,7 +9,9 @@ Experiments:
 - attention-pdl: the flash attention kernel launched with programmatic dependent launch (PDL) or not
   (behind `benchmarks/results/ab-attention-pdl-bert-base-*.json`, 2026-12-07);
 - layer-norm: the LayerNorm kernels launched with PDL or not, and `linear_layer_norm` normalizing in the
-  split-K reduce of its product (one launch) or in a norm kernel after it, all four combinations.
+  split-K reduce of its product (one launch) or in a norm kernel after it, all four combinations, and
+  the shipped choice (PDL up to `norm.PDL_MAX_ROWS` rows; added after the 2026-12-07 run, which had the
+  four others: `ab-layer-norm-bert-base-*.json`).
 
 Usage (on the GPU machine): PYTHONPATH=src python benchmarks/ab_encoder_graphs.py EXPERIMENT [OUT_DIR]
 Writes ab-EXPERIMENT-bert-base-<card>.json to OUT_DIR (default: .).
@@ -30,11 +32,12 @@ from tritonize.bench.models import build_model
 from tritonize.kernels import attention, linear, norm
 
 
-def switches(attention_pdl=True, norm_pdl=False, norm_in_reduce=True) -> dict:
-    """(module, attribute) -> value for one variant; the defaults are what tritonize ships."""
+def switches(attention_pdl=True, norm_pdl_rows=norm.PDL_MAX_ROWS, norm_in_reduce=True) -> dict:
+    """(module, attribute) -> value for one variant; the defaults are what tritonize ships. norm_pdl_rows: the
+    norm kernels launch with PDL on at most this many rows."""
     return {
         (attention, "pdl_supported"): lambda device: attention_pdl,
-        (norm, "PDL_BY_DEFAULT"): norm_pdl,
+        (norm, "PDL_MAX_ROWS"): norm_pdl_rows,
         (linear, "MAX_FUSED_NORM_COLS"): linear.MAX_FUSED_NORM_COLS if norm_in_reduce else 0,
     }
 
@@ -45,10 +48,11 @@ EXPERIMENTS = {
         "attention pdl on": switches(),
     },
     "layer-norm": {
-        "norm kernel, no pdl": switches(norm_in_reduce=False),
-        "norm kernel, pdl": switches(norm_pdl=True, norm_in_reduce=False),
-        "norm in reduce, no pdl": switches(),
-        "norm in reduce, pdl": switches(norm_pdl=True),
+        "norm kernel, no pdl": switches(norm_pdl_rows=0, norm_in_reduce=False),
+        "norm kernel, pdl": switches(norm_pdl_rows=1 << 40, norm_in_reduce=False),
+        "norm in reduce, no pdl": switches(norm_pdl_rows=0),
+        "norm in reduce, pdl": switches(norm_pdl_rows=1 << 40),
+        "norm in reduce, pdl up to 512 rows": switches(),
     },
 }
 SHAPES = {"attention-pdl": [(1, 16), (1, 128), (8, 128), (32, 128)],

@@ -79,6 +79,27 @@ def test_sum_not_kept(kernel, dtype, device):
     assert_close(y, y_ref, dtype)
 
 
+def test_pdl_on_up_to_max_rows(monkeypatch, device):
+    """Where the GPU has PDL, the norm kernels take it on at most PDL_MAX_ROWS rows unless told (the launch
+    mode is recorded, the kernel not run)."""
+    monkeypatch.setattr(norm_module, "pdl_supported", lambda device: True)
+    modes = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: modes.append((kwargs["PDL"], kwargs["launch_pdl"]))
+
+    monkeypatch.setattr(norm_module, "_layer_norm_fwd_kernel", Recorder())
+    monkeypatch.setattr(norm_module, "_rms_norm_fwd_kernel", Recorder())
+    limit = norm_module.PDL_MAX_ROWS
+    for rows, pdl in [(1, None), (limit, None), (limit + 1, None), (limit + 1, True), (1, False)]:
+        x, _, (weight,) = _inputs((rows, 8), torch.float32, device, False)
+        layer_norm_fwd(x, weight, None, 1e-5, pdl=pdl)
+        rms_norm_fwd(x, weight, 1e-5, pdl=pdl)
+    expected = [True, True, False, True, False]
+    assert modes == [(mode, mode) for mode in expected for _ in range(2)]
+
+
 def test_kernel_writes_no_sum_without_store_sum(device):
     """STORE_SUM=False leaves the h buffer as it was (the kernel saves that write, it does not just discard it)."""
     (n_rows, n_cols), dtype = (5, 40), torch.float32

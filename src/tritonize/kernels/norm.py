@@ -17,10 +17,11 @@ from tritonize.kernels.reference import RMS_NORM_VARIANTS
 # sweep of LayerNorm (fp16, 2026-11-26) preferred 2048 to 4096: 4096x768 rows 5.1 vs 6.9 us, 16384x768 17.8 vs
 # 20.8 us, 16x768 1.8 vs 2.1 us; equal at 384 and 2048+ columns.
 MIN_ELEMENTS_PER_PROGRAM = 2048
-# Whether the norm kernels launch with programmatic dependent launch when the caller does not say (`pdl=`):
-# not by default. Together with the attention kernel's, it made bert-base 8 x 128 slower on an H100 (0.778 ->
-# 0.828 ms, 2026-12-06), and the attention kernel's alone was neutral there later (docs/kernels.md).
-PDL_BY_DEFAULT = False
+# The norm kernels launch with programmatic dependent launch, where the caller does not say (`pdl=`), on at
+# most this many rows. bert-base fp16 in tritonize's CUDA graphs on an H100 (2026-12-07, A/B in one process,
+# ab-layer-norm-bert-base-*.json): 1 x 16 0.357 vs 0.375 ms, 1 x 512 0.631 vs 0.643 ms, 1 x 128 equal; at
+# 1024 and 4096 rows slower: 8 x 128 0.820 vs 0.759 ms, 32 x 128 1.819 vs 1.801 ms.
+PDL_MAX_ROWS = 512
 
 @triton.jit
 def _row_block(n_rows, n_cols, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
@@ -141,7 +142,7 @@ def launch_config(n_rows: int, n_cols: int, min_elements: int = MIN_ELEMENTS_PER
 
 def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, keep_sum, pdl, **flags):
     """Allocates outputs and launches `kernel` over the rows of x [n_rows, n_cols]; returns (y, h).
-    pdl: launch as a programmatic dependent launch (None: PDL_BY_DEFAULT, where the GPU has it)."""
+    pdl: launch as a programmatic dependent launch (None: up to PDL_MAX_ROWS rows, where the GPU has it)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_rows, n_cols = x.shape
@@ -158,7 +159,7 @@ def _norm_fwd(kernel, x, params, eps, residual, out, residual_out, keep_sum, pdl
     # Unused pointers (no residual, no h, no weight/bias) point at x or y; the kernel never touches them.
     r = x if residual is None else residual
     h_buf = y if h is None else h
-    pdl = PDL_BY_DEFAULT and pdl_supported(x.device) if pdl is None else pdl
+    pdl = n_rows <= PDL_MAX_ROWS and pdl_supported(x.device) if pdl is None else pdl
     kernel[(triton.cdiv(n_rows, rows_per_program),)](
         x, r, y, h_buf, *(x if p is None else p.contiguous() for p in params),
         x.stride(0), r.stride(0), y.stride(0), h_buf.stride(0), n_rows, n_cols, eps,
@@ -183,7 +184,7 @@ def layer_norm_fwd(
 
     out / residual_out: optional preallocated [M, n_cols] outputs (last dim contiguous). keep_sum=False:
     h is not stored (None is returned for it) where nothing reads it, one write of [M, n_cols] less.
-    pdl: launch as a programmatic dependent launch (sm_90+ only; default: PDL_BY_DEFAULT, off).
+    pdl: launch as a programmatic dependent launch (sm_90+ only; default: on up to PDL_MAX_ROWS rows).
     """
     return _norm_fwd(
         _layer_norm_fwd_kernel, x, (weight, bias), eps, residual, out, residual_out, keep_sum, pdl,
