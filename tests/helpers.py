@@ -3,7 +3,9 @@ Python in a fresh process (kernels compiled for a GPU target, not interpreted)."
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +96,38 @@ def run_python(*args: str, interpret: bool = False) -> subprocess.CompletedProce
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+_COMPILE_FOR_SM90 = """
+import json, sys, triton
+from importlib import import_module
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+module, name, types, constexprs, num_warps = json.loads(sys.argv[1])
+kernel = getattr(import_module(module), name)
+names = kernel.arg_names
+signature = {arg: "constexpr" if arg in constexprs else types.get(arg, "i32") for arg in names}
+source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps)).asm["ptx"])
+"""
+
+
+def sm90_ptx(module: str, kernel: str, types: dict[str, str], constexprs: dict, num_warps: int = 4) -> str:
+    """The PTX of `module.kernel` compiled for sm_90 (no GPU needed), in a fresh process without the
+    interpreter. types: Triton type of each pointer or float argument ("*fp16", "fp32"; others are "i32");
+    constexprs: every constexpr argument's value. A compile error fails the calling test with its message."""
+    result = run_python("-c", _COMPILE_FOR_SM90, json.dumps([module, kernel, types, constexprs, num_warps]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def assert_pdl_waits_first(ptx: str) -> None:
+    """A kernel compiled with PDL waits for the previous kernel (griddepcontrol.wait) before its first global
+    load, and lets the next kernel launch only after that wait: a load above the wait would race with the
+    kernel that writes its inputs."""
+    body = ptx[ptx.index(".entry"):]
+    wait, allow_next = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
+    first_load = re.search(r"\bld\.global|cp\.async", body)
+    assert first_load is not None and 0 <= wait < first_load.start() and wait < allow_next, (
+        f"wait at {wait}, first load at {first_load and first_load.start()}, launch_dependents at {allow_next}")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, poisoned, run_python
+from helpers import assert_close, assert_pdl_waits_first, poisoned, sm90_ptx
 
 import tritonize
 from tritonize.kernels import attention as attention_kernel
@@ -201,32 +201,12 @@ def test_real_sizes_fp32_and_bias_gpu(head_dim):
     assert_close(out, gold(q, k, v, 0.125, causal=True, bias=bias), torch.float32)
 
 
-PDL_ORDER_CHECK = """
-import re, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from tritonize.kernels import attention
-
-kernel = attention._attention_fwd_kernel
-types = {name: "*fp16" for name in ("Q_ptr", "K_ptr", "V_ptr", "Out_ptr", "Bias_ptr")}
-types.update(Kpm_ptr="*u8", scale_log2="fp32")
-constexprs = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64, CAUSAL=False, HAS_BIAS=True, HAS_KPM=True,
-                  SCAN_BLOCK=256, INPUT_PRECISION="tf32", PDL=True)
-names = kernel.arg_names
-signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
-source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
-body = ptx[ptx.index(".entry"):]
-wait, first_load = body.find("griddepcontrol.wait"), re.search(r"\\bld\\.global|cp\\.async", body)
-print(wait, first_load.start() if first_load else -1, body.find("griddepcontrol.launch_dependents"))
-"""
-
-
 def test_pdl_waits_before_the_first_load():
     """Compiled for sm_90 (no GPU needed, no interpreter), the kernel with PDL waits for the previous kernel
     before it reads any input and then lets the next one launch: a load above the wait would race with the
     kernel that writes q, k, v."""
-    result = run_python("-c", PDL_ORDER_CHECK)
-    assert result.returncode == 0, result.stderr[-3000:]
-    wait, first_load, allow_next = map(int, result.stdout.split()[-3:])
-    assert 0 <= wait < first_load and wait < allow_next, result.stdout
+    types = {name: "*fp16" for name in ("Q_ptr", "K_ptr", "V_ptr", "Out_ptr", "Bias_ptr")}
+    types.update(Kpm_ptr="*u8", scale_log2="fp32")
+    constexprs = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64, CAUSAL=False, HAS_BIAS=True, HAS_KPM=True,
+                      SCAN_BLOCK=256, INPUT_PRECISION="tf32", PDL=True)
+    assert_pdl_waits_first(sm90_ptx("tritonize.kernels.attention", "_attention_fwd_kernel", types, constexprs))

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import assert_close, poisoned
+from helpers import assert_close, assert_pdl_waits_first, poisoned, sm90_ptx
 
 import tritonize.ops
 from tritonize.kernels import linear as linear_module
@@ -177,6 +177,16 @@ def test_layer_norm_in_the_split_k_reduce(M, N, K, split_k, affine, dtype, devic
     if dtype == torch.float32:
         unfused = layer_norm_fwd(linear_fwd(x, weight, b, None, r, config=config), norm_weight, norm_bias, 1e-5)[0]
         assert torch.equal(fused, unfused)
+
+
+def test_layer_norm_reduce_compiles_for_sm90_and_waits_first():
+    """The split-K reduce with the layer norm (bert-base's N = 768 in 1024-wide rows, PDL on) compiles for
+    sm_90 without a GPU, and waits for the product kernel before reading its partial sums."""
+    types = {name: "*fp16" for name in ("B_ptr", "R_ptr", "Y_ptr", "NW_ptr", "NB_ptr")}
+    types.update(Partial_ptr="*fp32", eps="fp32")
+    constexprs = dict(HAS_BIAS=True, ACTIVATION="none", HAS_RESIDUAL=True, SPLIT_K=4, LAYER_NORM=True,
+                      HAS_NORM_WEIGHT=True, HAS_NORM_BIAS=True, BLOCK_M=2, BLOCK_N=1024, PDL=True)
+    assert_pdl_waits_first(sm90_ptx("tritonize.kernels.linear", "_split_k_reduce_kernel", types, constexprs))
 
 
 @pytest.mark.parametrize("config", [LinearConfig(16, 32, 16, group_m=1), None])

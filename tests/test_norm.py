@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import triton
-from helpers import assert_close, poisoned
+from helpers import assert_close, assert_pdl_waits_first, poisoned, sm90_ptx
 
 from tritonize import ops, tuning
 from tritonize.kernels import linear as linear_module
@@ -98,6 +98,18 @@ def test_pdl_on_up_to_max_rows(monkeypatch, device):
         rms_norm_fwd(x, weight, 1e-5, pdl=pdl)
     expected = [True, True, False, True, False]
     assert modes == [(mode, mode) for mode in expected for _ in range(2)]
+
+
+@pytest.mark.parametrize("kernel", ["_layer_norm_fwd_kernel", "_rms_norm_fwd_kernel"])
+def test_pdl_kernels_compile_for_sm90_and_wait_first(kernel):
+    """With PDL each norm kernel compiles for sm_90 without a GPU and waits for the previous kernel before
+    its first load (a residual row block of 2 x 1024 fp16 values, weight and bias)."""
+    types = {name: "*fp16" for name in ("X_ptr", "R_ptr", "Y_ptr", "H_ptr", "W_ptr", "B_ptr")}
+    types["eps"] = "fp32"
+    constexprs = dict(HAS_RESIDUAL=True, STORE_SUM=True, ROWS_PER_PROGRAM=2, BLOCK_SIZE=1024, PDL=True)
+    constexprs.update(dict(HAS_WEIGHT=True, HAS_BIAS=True) if kernel == "_layer_norm_fwd_kernel"
+                      else dict(WEIGHT_OFFSET=0.0, ROUND_BEFORE_WEIGHT=True))
+    assert_pdl_waits_first(sm90_ptx("tritonize.kernels.norm", kernel, types, constexprs))
 
 
 def test_kernel_writes_no_sum_without_store_sum(device):
