@@ -22,9 +22,8 @@ import tempfile
 import torch
 import triton
 from tp_generate import CONFIGS
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
+from tritonize.debug import compile_for_gpu
 from tritonize.kernels import gemv
 
 # Hopper (sm_90) per-SM limits: registers, threads, resident programs, shared memory (bytes, 1 KB of it
@@ -65,13 +64,8 @@ def occupancy(M: int, N: int, K: int, flags: dict, sms: int) -> dict:
                       BLOCK_M=triton.next_power_of_2(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=True)
     constexprs.update(flags)
     pointers = ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr", "G_ptr")
-    scalars = ("M", "N", "K", "x_row_stride", "w_row_stride", "r_row_stride", "r_col_stride")
-    signature = {**{p: POINTER_TYPE for p in pointers}, **{s: "i32" for s in scalars}, "eps": "fp32"}
-    signature = {name: signature.get(name, "constexpr") for name in gemv._gemv_kernel.arg_names}
-    names = list(signature)
-    source = ASTSource(gemv._gemv_kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    kernel = compile_for_gpu(gemv._gemv_kernel, {**{p: POINTER_TYPE for p in pointers}, "eps": "fp32"}, constexprs,
+                             num_warps=config.num_warps, num_stages=config.num_stages)
     registers = registers_per_thread(kernel)
     threads = 32 * config.num_warps
     warp_registers = triton.cdiv(registers * 32, REGISTER_UNIT) * REGISTER_UNIT

@@ -99,24 +99,19 @@ def run_python(*args: str, interpret: bool = False) -> subprocess.CompletedProce
 
 
 _COMPILE_FOR_SM90 = """
-import json, sys, triton
+import json, sys
 from importlib import import_module
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from tritonize.debug import compile_for_gpu
 
 module, name, types, constexprs, num_warps = json.loads(sys.argv[1])
-kernel = getattr(import_module(module), name)
-names = kernel.arg_names
-signature = {arg: "constexpr" if arg in constexprs else types.get(arg, "i32") for arg in names}
-source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps)).asm["ptx"])
+print(compile_for_gpu(getattr(import_module(module), name), types, constexprs, num_warps=num_warps).asm["ptx"])
 """
 
 
 def sm90_ptx(module: str, kernel: str, types: dict[str, str], constexprs: dict, num_warps: int = 4) -> str:
-    """The PTX of `module.kernel` compiled for sm_90 (no GPU needed), in a fresh process without the
-    interpreter. types: Triton type of each pointer or float argument ("*fp16", "fp32"; others are "i32");
-    constexprs: every constexpr argument's value. A compile error fails the calling test with its message."""
+    """The PTX of `module.kernel` compiled for sm_90 by `tritonize.debug.compile_for_gpu` (no GPU needed), in a
+    fresh process without the interpreter; types, constexprs as it takes them. A compile error fails the
+    calling test with its message."""
     result = run_python("-c", _COMPILE_FOR_SM90, json.dumps([module, kernel, types, constexprs, num_warps]))
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -16,12 +16,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import assert_close
+from helpers import assert_close, run_python, sm90_ptx
 from triton.runtime.interpreter import InterpreterBuilder
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tritonize import cli
-from tritonize.debug import OutOfBoundsError, bounds_checked, check_kernel
+from tritonize.debug import OutOfBoundsError, bounds_checked, check_kernel, compile_for_gpu
 from tritonize.debug.check import SHAPES
 from tritonize.kernels import reference
 from tritonize.kernels.attention import flash_attention_fwd
@@ -334,3 +334,31 @@ def test_cli_debug_linear(capsys):
 def test_cli_debug_bad_shape(capsys):
     assert cli.main(["debug", "attention", "--shape", "2,3,4"]) == 2
     assert "batch,heads,q_len,kv_len,head_dim" in capsys.readouterr().out
+
+
+# -- compile_for_gpu: a kernel compiled for sm_90 without a GPU ------------------------------------------------
+
+NORM_TYPES = {name: "*fp16" for name in ("X_ptr", "R_ptr", "Y_ptr", "H_ptr", "W_ptr", "B_ptr")} | {"eps": "fp32"}
+NORM_CONSTEXPRS = dict(HAS_RESIDUAL=False, STORE_SUM=False, HAS_WEIGHT=True, HAS_BIAS=False, ROWS_PER_PROGRAM=1,
+                       BLOCK_SIZE=256, PDL=False)
+
+
+def test_compile_for_gpu_gives_sm90_ptx():
+    ptx = sm90_ptx("tritonize.kernels.norm", "_layer_norm_fwd_kernel", NORM_TYPES, NORM_CONSTEXPRS)
+    assert ".target sm_90" in ptx and ".entry _layer_norm_fwd_kernel" in ptx
+    assert "griddepcontrol" not in ptx  # PDL=False compiles no PDL instruction
+
+
+def test_compile_for_gpu_names_unknown_arguments():
+    script = ("from tritonize.debug import compile_for_gpu\nfrom tritonize.kernels import norm\n"
+              f"compile_for_gpu(norm._layer_norm_fwd_kernel, {NORM_TYPES!r}, {{**{NORM_CONSTEXPRS!r}, 'BLOCK': 4}})")
+    done = run_python("-c", script)
+    assert done.returncode == 1 and "has no argument(s) ['BLOCK']" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="needs the interpreter on")
+def test_compile_for_gpu_refuses_the_interpreter():
+    from tritonize.kernels import norm
+
+    with pytest.raises(RuntimeError, match="run without TRITON_INTERPRET=1"):
+        compile_for_gpu(norm._layer_norm_fwd_kernel, NORM_TYPES, NORM_CONSTEXPRS)

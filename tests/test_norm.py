@@ -104,11 +104,14 @@ def test_pdl_on_up_to_max_rows(monkeypatch, device):
 def test_pdl_kernels_compile_for_sm90_and_wait_first(kernel):
     """With PDL each norm kernel compiles for sm_90 without a GPU and waits for the previous kernel before
     its first load (a residual row block of 2 x 1024 fp16 values, weight and bias)."""
-    types = {name: "*fp16" for name in ("X_ptr", "R_ptr", "Y_ptr", "H_ptr", "W_ptr", "B_ptr")}
+    types = {name: "*fp16" for name in ("X_ptr", "R_ptr", "Y_ptr", "H_ptr", "W_ptr")}
     types["eps"] = "fp32"
     constexprs = dict(HAS_RESIDUAL=True, STORE_SUM=True, ROWS_PER_PROGRAM=2, BLOCK_SIZE=1024, PDL=True)
-    constexprs.update(dict(HAS_WEIGHT=True, HAS_BIAS=True) if kernel == "_layer_norm_fwd_kernel"
-                      else dict(WEIGHT_OFFSET=0.0, ROUND_BEFORE_WEIGHT=True))
+    if kernel == "_layer_norm_fwd_kernel":
+        types["B_ptr"] = "*fp16"
+        constexprs.update(HAS_WEIGHT=True, HAS_BIAS=True)
+    else:
+        constexprs.update(WEIGHT_OFFSET=0.0, ROUND_BEFORE_WEIGHT=True)
     assert_pdl_waits_first(sm90_ptx("tritonize.kernels.norm", kernel, types, constexprs))
 
 
