@@ -49,6 +49,18 @@ def _specialization(value: object) -> object:
     return type(value).__name__
 
 
+class LaunchRecorder:
+    """Stands in for a Triton kernel in its module (`monkeypatch.setattr(module, name, LaunchRecorder(...))`):
+    appends (name, grid) to `launches` at each launch, then launches the kernel."""
+
+    def __init__(self, kernel, name: str, launches: list) -> None:
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append((self.name, grid))
+        return self.kernel[grid]
+
+
 class KernelLaunches:
     """Records the compile-relevant signature of every interpreted Triton kernel launch while `recording`.
 

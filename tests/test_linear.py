@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import assert_close, assert_pdl_waits_first, poisoned, sm90_ptx
+from helpers import LaunchRecorder, assert_close, assert_pdl_waits_first, poisoned, sm90_ptx
 
 import tritonize.ops
 from tritonize.kernels import linear as linear_module
@@ -50,23 +50,12 @@ def _check_fwd(x, weight, bias, activation, residual, config=None):
     return y
 
 
-class _LaunchRecorder:
-    """Stands in for a kernel in tritonize.kernels.linear: notes (name, grid) of each launch, then launches."""
-
-    def __init__(self, kernel, name, launches):
-        self.kernel, self.name, self.launches = kernel, name, launches
-
-    def __getitem__(self, grid):
-        self.launches.append((self.name, grid))
-        return self.kernel[grid]
-
-
 @pytest.fixture
 def launches(monkeypatch):
     """The list of (kernel name, grid) that linear_fwd launches during the test."""
     record = []
     for name in ("_linear_kernel", "_linear_persistent_kernel"):
-        monkeypatch.setattr(linear_module, name, _LaunchRecorder(getattr(linear_module, name), name, record))
+        monkeypatch.setattr(linear_module, name, LaunchRecorder(getattr(linear_module, name), name, record))
     return record
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import triton
-from helpers import assert_close, assert_pdl_waits_first, poisoned, sm90_ptx
+from helpers import LaunchRecorder, assert_close, assert_pdl_waits_first, poisoned, sm90_ptx
 
 from tritonize import ops, tuning
 from tritonize.kernels import linear as linear_module
@@ -324,23 +324,12 @@ def test_linear_layer_norm_routes(route, bias, tmp_path, monkeypatch, device):
              "split": dataclasses.asdict(LinearConfig(16, 16, 16, group_m=1, split_k=2)),
              "unsplit": dataclasses.asdict(LinearConfig(16, 16, 16, group_m=1))}[route]
     tuning.cache().put("linear", card, f"M16 N24 K40 float32 none bias={bias} residual=True", entry)
-    launched = []
-
-    def record(module, name):
-        kernel = getattr(module, name)
-
-        class Recorder:
-            def __getitem__(self, grid):
-                launched.append(name)
-                return kernel[grid]
-
-        monkeypatch.setattr(module, name, Recorder())
-
-    record(linear_module, "_linear_kernel")
-    record(linear_module, "_split_k_reduce_kernel")
-    record(norm_module, "_layer_norm_fwd_kernel")
+    launches = []
+    for module, name in ((linear_module, "_linear_kernel"), (linear_module, "_split_k_reduce_kernel"),
+                         (norm_module, "_layer_norm_fwd_kernel")):
+        monkeypatch.setattr(module, name, LaunchRecorder(getattr(module, name), name, launches))
     out = ops.linear_layer_norm(x, weight, b, r, norm_weight, norm_bias, 1e-6)
-    assert launched == {"cublas": ["_layer_norm_fwd_kernel"],
+    assert [name for name, _ in launches] == {"cublas": ["_layer_norm_fwd_kernel"],
                         "split": ["_linear_kernel", "_split_k_reduce_kernel"],
                         "unsplit": ["_linear_kernel", "_layer_norm_fwd_kernel"]}[route]
     h = reference.linear(x.double(), weight.double(), None if b is None else b.double(), None, r.double())

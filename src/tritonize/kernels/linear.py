@@ -470,7 +470,7 @@ def linear_fwd(
     if M == 0:
         return out
     config = config or _pick_config(M, N, K, x.dtype, x.device)
-    if layer_norm is not None and (config.split_k == 1 or N > MAX_FUSED_NORM_COLS):
+    if layer_norm is not None and not _norm_fits_the_reduce(config, N):
         raise ValueError(f"linear_fwd applies a layer norm only in a split-K reduce of rows of at most "
                          f"{MAX_FUSED_NORM_COLS} columns, got split_k={config.split_k}, N={N}")
     bias = None if bias is None else bias.contiguous()
@@ -529,6 +529,12 @@ def _reduce_and_epilogue(partial, bias, activation, residual, out, split_k: int,
     )  # fmt: skip
 
 
+def _norm_fits_the_reduce(config: LinearConfig, N: int) -> bool:
+    """Whether linear_fwd can layer-normalize in this config's split-K reduce: K is split (so a reduce kernel
+    runs) and one program can hold rows of N columns."""
+    return config.split_k > 1 and N <= MAX_FUSED_NORM_COLS
+
+
 def linear_layer_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -549,9 +555,9 @@ def linear_layer_norm_fwd(
     """
     (M, K), N = x.shape, weight.shape[0]
     config = config or _pick_config(M, N, K, x.dtype, x.device)
-    if config.split_k == 1 or N > MAX_FUSED_NORM_COLS:
+    if not _norm_fits_the_reduce(config, N):
         product = linear_fwd(x, weight, bias, None, residual, config=config)
-        return layer_norm_fwd(product, norm_weight, norm_bias, eps, keep_sum=False)[0]
+        return layer_norm_fwd(product, norm_weight, norm_bias, eps)[0]
     norm = (None if norm_weight is None else norm_weight.contiguous(),
             None if norm_bias is None else norm_bias.contiguous(), eps)
     return linear_fwd(x, weight, bias, None, residual, config=config, layer_norm=norm)
