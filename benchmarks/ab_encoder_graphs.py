@@ -11,7 +11,8 @@ Experiments:
 - layer-norm: the LayerNorm kernels launched with PDL or not, and `linear_layer_norm` normalizing in the
   split-K reduce of its product (one launch) or in a norm kernel after it, all four combinations, and
   the shipped choice (PDL up to `norm.PDL_MAX_ROWS` rows; added after the 2026-12-07 run, which had the
-  four others: `ab-layer-norm-bert-base-*.json`).
+  four others: `ab-layer-norm-bert-base-*.json`);
+- weight-prefetch: the tiled linear kernel prefetching its weight slice into L2 before its PDL wait, or not.
 
 Usage (on the GPU machine): PYTHONPATH=src python benchmarks/ab_encoder_graphs.py EXPERIMENT [OUT_DIR]
 Writes ab-EXPERIMENT-bert-base-<card>.json to OUT_DIR (default: .).
@@ -32,13 +33,16 @@ from tritonize.bench.models import build_model
 from tritonize.kernels import attention, linear, norm
 
 
-def switches(attention_pdl=True, norm_pdl_rows=norm.PDL_MAX_ROWS, norm_in_reduce=True) -> dict:
+def switches(attention_pdl=True, norm_pdl_rows=norm.PDL_MAX_ROWS, norm_in_reduce=True,
+             prefetch_weight_rows=linear.PREFETCH_WEIGHT_MAX_M) -> dict:
     """(module, attribute) -> value for one variant; the defaults are what tritonize ships. norm_pdl_rows: the
-    norm kernels launch with PDL on at most this many rows."""
+    norm kernels launch with PDL on at most this many rows; prefetch_weight_rows: the tiled linear kernel
+    prefetches its weight into L2 before its PDL wait on at most this many rows."""
     return {
         (attention, "pdl_supported"): lambda device: attention_pdl,
         (norm, "PDL_MAX_ROWS"): norm_pdl_rows,
         (linear, "MAX_FUSED_NORM_COLS"): linear.MAX_FUSED_NORM_COLS if norm_in_reduce else 0,
+        (linear, "PREFETCH_WEIGHT_MAX_M"): prefetch_weight_rows,
     }
 
 
@@ -54,9 +58,14 @@ EXPERIMENTS = {
         "norm in reduce, pdl": switches(norm_pdl_rows=1 << 40),
         "norm in reduce, pdl up to 512 rows": switches(),
     },
+    "weight-prefetch": {
+        "no weight prefetch": switches(prefetch_weight_rows=0),
+        "weight prefetch": switches(prefetch_weight_rows=1 << 40),
+    },
 }
 SHAPES = {"attention-pdl": [(1, 16), (1, 128), (8, 128), (32, 128)],
-          "layer-norm": [(1, 16), (1, 128), (1, 512), (8, 128), (32, 128)]}
+          "layer-norm": [(1, 16), (1, 128), (1, 512), (8, 128), (32, 128)],
+          "weight-prefetch": [(1, 16), (1, 128), (1, 512), (8, 128), (8, 512), (32, 128)]}
 
 
 def main(experiment: str, out_dir: str) -> None:

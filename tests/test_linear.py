@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import LaunchRecorder, assert_close, assert_pdl_waits_first, poisoned, sm90_ptx
 
 import tritonize.ops
@@ -176,6 +178,47 @@ def test_layer_norm_reduce_compiles_for_sm90_and_waits_first():
     constexprs = dict(HAS_BIAS=True, ACTIVATION="none", HAS_RESIDUAL=True, SPLIT_K=4, LAYER_NORM=True,
                       HAS_NORM_WEIGHT=True, HAS_NORM_BIAS=True, BLOCK_M=2, BLOCK_N=1024, PDL=True)
     assert_pdl_waits_first(sm90_ptx("tritonize.kernels.linear", "_split_k_reduce_kernel", types, constexprs))
+
+
+def _linear_kernel_ptx(**changes) -> str:
+    types = {name: "*fp16" for name in ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr")}
+    types.update(Partial_ptr="*fp32")
+    constexprs = dict(HAS_BIAS=True, ACTIVATION="gelu", HAS_RESIDUAL=False, SPLIT_K=1, INPUT_PRECISION="tf32",
+                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=True, PDL=True, PREFETCH_WEIGHT=True)
+    return sm90_ptx("tritonize.kernels.linear", "_linear_kernel", types, {**constexprs, **changes})
+
+
+def test_weight_prefetch_compiles_for_sm90_before_the_wait():
+    """With PDL, the tiled kernel (bert-base's 16-row GELU up projection config) prefetches its weight into L2
+    before waiting for the previous kernel, and loads nothing before the wait; without PREFETCH_WEIGHT, no
+    prefetch."""
+    ptx = _linear_kernel_ptx()
+    assert_pdl_waits_first(ptx)
+    body = ptx[ptx.index(".entry"):]
+    assert 0 <= body.find("prefetch.global.L2") < body.find("griddepcontrol.wait")
+    assert "prefetch.global" not in _linear_kernel_ptx(PREFETCH_WEIGHT=False)
+
+
+@triton.jit
+def _line_columns_kernel(Out_ptr, k_start, k_end, BLOCK_K: tl.constexpr, LINE: tl.constexpr, STEPS: tl.constexpr):
+    offs = tl.arange(0, max(1, BLOCK_K // LINE))
+    for step in range(STEPS):
+        k = k_start + step * BLOCK_K
+        tl.store(Out_ptr + step * offs.shape[0] + offs, linear_module._line_columns(k, k_end, BLOCK_K, LINE))
+
+
+@pytest.mark.parametrize("k_start, k_end, block_k, line", [(0, 768, 256, 64), (256, 700, 128, 64), (3, 40, 16, 32),
+                                                         (0, 100, 64, 64), (64, 65, 128, 64)])
+def test_prefetch_addresses_cover_the_slice_in_bounds(k_start, k_end, block_k, line):
+    """The weight prefetch's columns touch every L2 line of [k_start, k_end) (the K loop's steps of block_k)
+    and never a column at or past k_end."""
+    steps = -(-(k_end - k_start) // block_k)
+    out = torch.full((steps, max(1, block_k // line)), -1, dtype=torch.int32)
+    _line_columns_kernel[(1,)](out, k_start, k_end, BLOCK_K=block_k, LINE=line, STEPS=steps)
+    cols = out.flatten().tolist()
+    assert all(k_start <= c < k_end for c in cols)
+    # a line is [j * line, (j + 1) * line) counted from the step's start, as the K loop's loads are aligned
+    assert {c // line for c in cols} >= {c // line for c in range(k_start, k_end) if (c - k_start) % line == 0}
 
 
 @pytest.mark.parametrize("config", [LinearConfig(16, 32, 16, group_m=1), None])

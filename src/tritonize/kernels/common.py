@@ -59,7 +59,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 # as soon as every program of that one has let the next kernel launch (or exited): it can load what the
 # previous kernel does not write (weights) and must call `wait_previous_allow_next` before touching
 # anything else. Kernels take a `PDL: tl.constexpr` flag, `pdl_supported(device)`, since the instructions
-# exist from sm_90 on.
+# exist from sm_90 on. What a kernel reads before waiting must not be written by the kernels before it: weights.
 
 
 @functools.cache
@@ -74,3 +74,17 @@ def wait_previous_allow_next(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+# Bytes of one L2 cache line (H100): the granularity of `prefetch_to_l2`.
+L2_LINE_BYTES: tl.constexpr = tl.constexpr(128)
+
+
+@triton.jit
+def prefetch_to_l2(ptrs):
+    """Asks the memory system to bring the L2 lines holding ptrs (any shape; one address per line suffices)
+    into L2, without registers and without waiting: a kernel launched with PDL prefetches its weights this
+    way before `wait_previous_allow_next`, so their trip from HBM overlaps the previous kernel. A hint: the
+    addresses must be valid, the data is not changed. Compiled GPUs only (the interpreter has no PTX)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

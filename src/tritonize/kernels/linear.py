@@ -21,10 +21,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tritonize.kernels.common import (
     INTERPRETED,
+    L2_LINE_BYTES,
     cast,
     dot,
     dot_precision,
     pdl_supported,
+    prefetch_to_l2,
     wait_previous_allow_next,
 )
 from tritonize.kernels.norm import launch_config as norm_launch_config
@@ -35,6 +37,9 @@ INTERPRETER_SM_COUNT = 4  # a pretend GPU: small CPU test shapes take the split-
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (an H100 block may opt into 227 KiB)
 # linear_layer_norm_fwd's split-K reduce holds whole rows in one program: up to this many columns
 MAX_FUSED_NORM_COLS = 8192
+# The tiled kernel, launched with PDL, prefetches its weight slice into L2 before waiting for the previous
+# kernel when x has at most this many rows (where the product is short and its weight read is most of it).
+PREFETCH_WEIGHT_MAX_M = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +177,27 @@ def _epilogue_values(
 
 
 @triton.jit
+def _line_columns(k, k_end, BLOCK_K: tl.constexpr, LINE: tl.constexpr):
+    """One column in each LINE-column line of [k, k + BLOCK_K), every one before k_end (the last repeats)."""
+    return tl.minimum(k + tl.arange(0, max(1, BLOCK_K // LINE)) * LINE, k_end - 1)
+
+
+@triton.jit
+def _prefetch_weight_slice(W_ptr, rows, w_row_stride, k_start, k_end, BLOCK_K: tl.constexpr):
+    """L2 prefetch of weight[rows, k_start:k_end] (K contiguous), one address per L2 line."""
+    LINE: tl.constexpr = max(1, L2_LINE_BYTES * 8 // W_ptr.dtype.element_ty.primitive_bitwidth)  # elements
+    row_ptrs = W_ptr + rows.to(tl.int64)[:, None] * w_row_stride
+    for k in range(k_start, k_end, BLOCK_K):
+        prefetch_to_l2(row_ptrs + _line_columns(k, k_end, BLOCK_K, LINE)[None, :])
+
+
+@triton.jit
 def _linear_kernel(
     X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, Partial_ptr, M, N, K, k_split_size,
     x_row_stride, x_col_stride, w_row_stride, w_col_stride, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_WEIGHT: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of x @ weight^T over the K range [pid_k * k_split_size, +k_split_size).
 
@@ -187,19 +207,23 @@ def _linear_kernel(
     [M, N], contiguous. Partial_ptr: fp32 [SPLIT_K, M, N] contiguous workspace; with SPLIT_K > 1
     the raw partial sums go there and _split_k_reduce_kernel applies the epilogue.
     EVEN_K: every split is a whole number of BLOCK_K steps, so K needs no mask. PDL: launched as a
-    programmatic dependent launch (common.py).
+    programmatic dependent launch (common.py). PREFETCH_WEIGHT (with PDL; weight K-contiguous): the
+    program's weight slice is prefetched into L2 before waiting for the previous kernel, which the weight
+    never depends on, so its trip from HBM overlaps that kernel.
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
     """
-    wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-
-    # -- K loop: rows past M / columns past N wrap (their results are never stored); K is masked --
     k_start = pid_k * k_split_size
     k_end = tl.minimum(K, k_start + k_split_size)
+    if PREFETCH_WEIGHT:
+        _prefetch_weight_slice(W_ptr, offs_n % N, w_row_stride, k_start, k_end, BLOCK_K)
+    wait_previous_allow_next(PDL)  # nothing else is read or written before the previous kernel has ended
+
+    # -- K loop: rows past M / columns past N wrap (their results are never stored); K is masked --
     x_ptrs = X_ptr + (offs_m % M).to(tl.int64)[:, None] * x_row_stride + (k_start + offs_k)[None, :] * x_col_stride
     w_ptrs = W_ptr + (offs_n % N).to(tl.int64)[None, :] * w_row_stride + (k_start + offs_k)[:, None] * w_col_stride
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -499,8 +523,9 @@ def linear_fwd(
         *x.stride(), *weight.stride(), *res_strides,
         **flags, SPLIT_K=config.split_k, INPUT_PRECISION=precision, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        EVEN_K=K % (config.block_k * config.split_k) == 0, PDL=pdl, num_warps=config.num_warps,
-        num_stages=config.num_stages, launch_pdl=pdl,
+        EVEN_K=K % (config.block_k * config.split_k) == 0, PDL=pdl,
+        PREFETCH_WEIGHT=pdl and weight.stride(1) == 1 and M <= PREFETCH_WEIGHT_MAX_M,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if config.split_k > 1:
         _reduce_and_epilogue(partial, bias, activation, residual, out, config.split_k, layer_norm)
