@@ -543,7 +543,7 @@ def linear_fwd(
     if M == 0:
         return out
     config = config or pick_config(M, N, K, x.dtype, x.device)
-    if layer_norm is not None and not _norm_fits_the_reduce(config, N):
+    if layer_norm is not None and not norm_fits_the_reduce(config, N):
         raise ValueError(f"linear_fwd applies a layer norm only in a split-K reduce of rows of at most "
                          f"{MAX_FUSED_NORM_COLS} columns, got split_k={config.split_k}, N={N}")
     bias = None if bias is None else bias.contiguous()
@@ -606,7 +606,7 @@ def _reduce_and_epilogue(partial, bias, activation, residual, out, split_k: int,
     )  # fmt: skip
 
 
-def _norm_fits_the_reduce(config: LinearConfig, N: int) -> bool:
+def norm_fits_the_reduce(config: LinearConfig, N: int) -> bool:
     """Whether linear_fwd can layer-normalize in this config's split-K reduce: K is split (so a reduce kernel
     runs) and one program can hold rows of N columns."""
     return config.split_k > 1 and N <= MAX_FUSED_NORM_COLS
@@ -632,7 +632,7 @@ def linear_layer_norm_fwd(
     """
     (M, K), N = x.shape, weight.shape[0]
     config = config or pick_config(M, N, K, x.dtype, x.device)
-    if not _norm_fits_the_reduce(config, N):
+    if not norm_fits_the_reduce(config, N):
         product = linear_fwd(x, weight, bias, None, residual, config=config)
         return layer_norm_fwd(product, norm_weight, norm_bias, eps)[0]
     norm = (None if norm_weight is None else norm_weight.contiguous(),
