@@ -259,11 +259,11 @@ def _line_columns_kernel(Out_ptr, k_start, k_end, BLOCK_K: tl.constexpr, LINE: t
 
 @pytest.mark.parametrize("k_start, k_end, block_k, line", [(0, 768, 256, 64), (256, 700, 128, 64), (3, 40, 16, 32),
                                                          (0, 100, 64, 64), (64, 65, 128, 64)])
-def test_prefetch_addresses_cover_the_slice_in_bounds(k_start, k_end, block_k, line):
+def test_prefetch_addresses_cover_the_slice_in_bounds(k_start, k_end, block_k, line, device):
     """The weight prefetch's columns touch every L2 line of [k_start, k_end) (the K loop's steps of block_k)
     and never a column at or past k_end."""
     steps = -(-(k_end - k_start) // block_k)
-    out = torch.full((steps, max(1, block_k // line)), -1, dtype=torch.int32)
+    out = torch.full((steps, max(1, block_k // line)), -1, dtype=torch.int32, device=device)
     _line_columns_kernel[(1,)](out, k_start, k_end, BLOCK_K=block_k, LINE=line, STEPS=steps)
     cols = out.flatten().tolist()
     assert all(k_start <= c < k_end for c in cols)

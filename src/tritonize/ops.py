@@ -489,7 +489,7 @@ def linear_layer_norm(
 
 # Rows up to which ops.linear_layer_norm_linear may layer-normalize in the next linear's prologue (every program
 # of that product re-reads its rows of x for the statistics).
-LAYER_NORM_PROLOGUE_MAX_M = 1 << 30
+LAYER_NORM_PROLOGUE_MAX_M = 0
 
 
 @torch.library.custom_op("tritonize::linear_layer_norm_linear", mutates_args=())

@@ -39,7 +39,7 @@ SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (an H100 block 
 MAX_FUSED_NORM_COLS = 8192
 # The tiled kernel, launched with PDL, prefetches its weight slice into L2 before waiting for the previous
 # kernel when x has at most this many rows (where the product is short and its weight read is most of it).
-PREFETCH_WEIGHT_MAX_M = 1 << 30
+PREFETCH_WEIGHT_MAX_M = 128
 
 
 @dataclasses.dataclass(frozen=True)
