@@ -12,8 +12,10 @@ Experiments:
   split-K reduce of its product (one launch) or in a norm kernel after it, all four combinations, and
   the shipped choice (PDL up to `norm.PDL_MAX_ROWS` rows; added after the 2026-12-07 run, which had the
   four others: `ab-layer-norm-bert-base-*.json`);
-- prefetch-prologue: the tiled linear kernel prefetching its weight slice into L2 before its PDL wait, or
-  not, and `ops.linear_layer_norm_linear` layer-normalizing in the next product's prologue, or not.
+- weight-prefetch: the tiled linear kernel prefetching its weight slice into L2 before its PDL wait, or not,
+  and the shipped gate (`linear.PREFETCH_WEIGHT_MAX_M`). The 2026-12-07 H100 run
+  (`ab-prefetch-prologue-bert-base-*.json`) was this experiment crossed with a LayerNorm computed in the next
+  product's prologue, since removed (commit b09b935 has that script and the prologue).
 
 Usage (on the GPU machine): PYTHONPATH=src python benchmarks/ab_encoder_graphs.py EXPERIMENT [OUT_DIR]
 Writes ab-EXPERIMENT-bert-base-<card>.json to OUT_DIR (default: .).
@@ -30,24 +32,20 @@ import triton
 from triton.testing import do_bench
 
 import tritonize
-from tritonize import ops
 from tritonize.bench.models import build_model
 from tritonize.kernels import attention, linear, norm
 
 
 def switches(attention_pdl=True, norm_pdl_rows=norm.PDL_MAX_ROWS, norm_in_reduce=True,
-             prefetch_weight_rows=linear.PREFETCH_WEIGHT_MAX_M,
-             norm_prologue_rows=ops.LAYER_NORM_PROLOGUE_MAX_M) -> dict:
+             prefetch_weight_rows=linear.PREFETCH_WEIGHT_MAX_M) -> dict:
     """(module, attribute) -> value for one variant; the defaults are what tritonize ships. norm_pdl_rows: the
     norm kernels launch with PDL on at most this many rows; prefetch_weight_rows: the tiled linear kernel
-    prefetches its weight into L2 before its PDL wait on at most this many rows; norm_prologue_rows:
-    ops.linear_layer_norm_linear may layer-normalize in the next product's prologue on at most this many rows."""
+    prefetches its weight into L2 before its PDL wait on at most this many rows."""
     return {
         (attention, "pdl_supported"): lambda device: attention_pdl,
         (norm, "PDL_MAX_ROWS"): norm_pdl_rows,
         (linear, "MAX_FUSED_NORM_COLS"): linear.MAX_FUSED_NORM_COLS if norm_in_reduce else 0,
         (linear, "PREFETCH_WEIGHT_MAX_M"): prefetch_weight_rows,
-        (ops, "LAYER_NORM_PROLOGUE_MAX_M"): norm_prologue_rows,
     }
 
 
@@ -63,16 +61,15 @@ EXPERIMENTS = {
         "norm in reduce, pdl": switches(norm_pdl_rows=1 << 40),
         "norm in reduce, pdl up to 512 rows": switches(),
     },
-    "prefetch-prologue": {
-        "neither": switches(prefetch_weight_rows=0, norm_prologue_rows=0),
-        "weight prefetch": switches(prefetch_weight_rows=1 << 40, norm_prologue_rows=0),
-        "norm in prologue": switches(prefetch_weight_rows=0, norm_prologue_rows=1 << 40),
-        "both": switches(prefetch_weight_rows=1 << 40, norm_prologue_rows=1 << 40),
+    "weight-prefetch": {
+        "no weight prefetch": switches(prefetch_weight_rows=0),
+        "weight prefetch": switches(prefetch_weight_rows=1 << 40),
+        "weight prefetch up to 128 rows": switches(),
     },
 }
 SHAPES = {"attention-pdl": [(1, 16), (1, 128), (8, 128), (32, 128)],
           "layer-norm": [(1, 16), (1, 128), (1, 512), (8, 128), (32, 128)],
-          "prefetch-prologue": [(1, 16), (1, 128), (1, 512), (8, 128)]}
+          "weight-prefetch": [(1, 16), (1, 128), (1, 512), (8, 128)]}
 
 
 def main(experiment: str, out_dir: str) -> None:

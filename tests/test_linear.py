@@ -15,11 +15,11 @@ from tritonize.kernels import linear as linear_module
 from tritonize.kernels import reference
 from tritonize.kernels.linear import (
     LinearConfig,
+    _pick_config,
     linear_configs,
     linear_epilogue_fwd,
     linear_fwd,
     linear_layer_norm_fwd,
-    pick_config,
 )
 from tritonize.kernels.norm import layer_norm_fwd
 
@@ -95,7 +95,7 @@ def test_skinny_default_split_k(M, dtype, device):
     N, K = 64, 4096
     x, weight, b, r = _inputs(M, N, K, dtype, device)
     if device == "cpu":
-        assert pick_config(M, N, K, dtype, torch.device(device)).split_k > 1
+        assert _pick_config(M, N, K, dtype, torch.device(device)).split_k > 1
     _check_fwd(x, weight, b, "silu", r)
 
 
@@ -180,61 +180,11 @@ def test_layer_norm_reduce_compiles_for_sm90_and_waits_first():
     assert_pdl_waits_first(sm90_ptx("tritonize.kernels.linear", "_split_k_reduce_kernel", types, constexprs))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M, N, K, split_k", [(1, 40, 100, 1), (7, 257, 64, 3), (16, 96, 768, 1), (33, 24, 200, 2)])
-@pytest.mark.parametrize("affine", ["weight_bias", "none"])
-def test_layer_norm_in_the_prologue(M, N, K, split_k, affine, dtype, device, launches):
-    """x layer-normalized in the product's prologue: the product and the stored normalized x against fp64
-    (LayerNorm rounded to x's dtype, then the product), into NaN-poisoned outputs, one tiled launch (two
-    column blocks at least, so programs that do not store the norm run too); in fp32 equal within rounding
-    to the norm kernel then the product."""
-    x, weight, b, _ = _inputs(M, N, K, dtype, device, residual=False)
-    x = 2.0 * x + 3.0  # a large common offset in each row: the two-pass variance must not lose it
-    norm_weight, norm_bias = torch.randn(K, device=device).to(dtype), torch.randn(K, device=device).to(dtype)
-    if affine == "none":
-        norm_weight = norm_bias = None
-    config = LinearConfig(16, 16, 32, group_m=1, split_k=split_k)
-    out, normed = poisoned((M, N), dtype, device), poisoned((M, K), dtype, device)
-    y = linear_fwd(x, weight, b, "gelu", None, out=out, config=config,
-                   input_layer_norm=(norm_weight, norm_bias, 1e-5, normed))
-    assert y is out and [name for name, _ in launches] == ["_linear_kernel"]
-    params64 = (None if p is None else p.double() for p in (norm_weight, norm_bias))
-    normed_ref = reference.layer_norm(x.double(), *params64, 1e-5)[0]
-    assert_close(normed, normed_ref, dtype)
-    assert_close(y, _reference(normed_ref.to(dtype), weight, b, "gelu", None), dtype)
-    if dtype == torch.float32:
-        unfused_normed = layer_norm_fwd(x, norm_weight, norm_bias, 1e-5)[0]
-        torch.testing.assert_close(normed, unfused_normed, rtol=1e-6, atol=1e-6)
-
-
-def test_layer_norm_linear_fwd_runs_the_tiled_kernel_for_any_config(device, launches):
-    """layer_norm_linear_fwd returns (normed, product); a persistent config still runs the tiled kernel (the
-    persistent one has no prologue); strided x is read in place."""
-    x = torch.randn(40, 9, 64, device=device)[:, 2, :]  # rows 576 elements apart
-    weight, b = torch.randn(24, 64, device=device) / 8, torch.randn(24, device=device)
-    norm_weight = torch.randn(64, device=device)
-    config = LinearConfig(16, 16, 32, group_m=1, persistent=True)
-    normed, out = linear_module.layer_norm_linear_fwd(x, norm_weight, None, 1e-6, weight, b, None, config=config)
-    assert [name for name, _ in launches] == ["_linear_kernel"]
-    normed_ref = reference.layer_norm(x.double(), norm_weight.double(), None, 1e-6)[0]
-    assert_close(normed, normed_ref, torch.float32)
-    assert_close(out, _reference(normed_ref.float(), weight, b, None, None), torch.float32)
-
-
-def test_layer_norm_prologue_compiles_for_sm90():
-    """The prologue (bert-base's 16-row GELU up projection config, PDL and the weight prefetch on) compiles for
-    sm_90 and still loads nothing before the wait."""
-    types = {"NW_ptr": "*fp16", "NB_ptr": "*fp16", "Normed_ptr": "*fp16", "eps": "fp32"}
-    assert_pdl_waits_first(_linear_kernel_ptx(NORM_INPUT=True, HAS_NORM_WEIGHT=True, HAS_NORM_BIAS=True,
-                                              types_changed=types))
-
-
-def _linear_kernel_ptx(types_changed=None, **changes) -> str:
+def _linear_kernel_ptx(**changes) -> str:
     types = {name: "*fp16" for name in ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr")}
-    types.update(Partial_ptr="*fp32", **(types_changed or {}))
+    types.update(Partial_ptr="*fp32")
     constexprs = dict(HAS_BIAS=True, ACTIVATION="gelu", HAS_RESIDUAL=False, SPLIT_K=1, INPUT_PRECISION="tf32",
-                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=True, PDL=True, PREFETCH_WEIGHT=True,
-                      NORM_INPUT=False, HAS_NORM_WEIGHT=False, HAS_NORM_BIAS=False)
+                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=True, PDL=True, PREFETCH_WEIGHT=True)
     return sm90_ptx("tritonize.kernels.linear", "_linear_kernel", types, {**constexprs, **changes})
 
 
@@ -277,7 +227,7 @@ def test_linear_layer_norm_without_a_split_runs_the_norm_kernel(config, device, 
     x, weight, b, r = _inputs(20, 40, 32, torch.float32, device)
     norm_weight, norm_bias = torch.randn(40, device=device), torch.randn(40, device=device)
     if config is None:
-        assert pick_config(20, 40, 32, torch.float32, torch.device(device)).split_k == 1
+        assert _pick_config(20, 40, 32, torch.float32, torch.device(device)).split_k == 1
     norms = []
     monkeypatch.setattr(linear_module, "layer_norm_fwd", lambda *a, **k: norms.append(1) or layer_norm_fwd(*a, **k))
     y = linear_layer_norm_fwd(x, weight, b, r, norm_weight, norm_bias, 1e-5, config=config)
@@ -314,7 +264,7 @@ SMALL_PERSISTENT = LinearConfig(32, 32, 32, group_m=2, persistent=True)
 def test_persistent_odd_shapes(M, N, K, dtype, config, device, launches):
     """Edges in M, N and K zero-filled by the descriptors; tiles strided over the programs."""
     x, weight, b, r = _inputs(M, N, K, dtype, device)
-    config = config or pick_config(M, N, K, dtype, torch.device(device))
+    config = config or _pick_config(M, N, K, dtype, torch.device(device))
     assert config.persistent
     _check_fwd(x, weight, b, "gelu", r, config)
     sm_count = linear_module._device_limits(torch.device(device))[0]
@@ -371,7 +321,7 @@ def test_persistent_falls_back_to_pointers(case, device, launches):
     M, N, K, dtype = 40, 48, 64, torch.float16
     x, weight, b, r = _inputs(M, N, K, dtype, device)
     x, weight = NOT_TMA[case](x, weight)
-    assert pick_config(M, N, x.shape[1], dtype, torch.device(device)).persistent
+    assert _pick_config(M, N, x.shape[1], dtype, torch.device(device)).persistent
     _check_fwd(x, weight, b, "gelu", r)
     assert [name for name, _ in launches] == ["_linear_kernel"]
 
@@ -386,14 +336,14 @@ def test_persistent_config_rules(device):
     dev = torch.device(device)
     sm_count, _, has_tma = linear_module._device_limits(dev)
     for M, N, K in [(16, 64, 4096), (17, 64, 4096), (65, 128, 64), (1024, 3072, 768), (128, 3072, 768)]:
-        config = pick_config(M, N, K, torch.float16, dev)
+        config = _pick_config(M, N, K, torch.float16, dev)
         fills_sms = device == "cpu" or linear_module._num_tiles(linear_module._PERSISTENT, M, N) >= sm_count
         assert config.persistent == (M > 16 and config.split_k == 1 and has_tma and fills_sms)
     if device == "cpu":  # 4 pretend SMs: one tile splits K, four tiles run persistent
-        assert pick_config(17, 64, 4096, torch.float16, dev).split_k > 1
-        assert pick_config(65, 128, 64, torch.float16, dev).persistent
+        assert _pick_config(17, 64, 4096, torch.float16, dev).split_k > 1
+        assert _pick_config(65, 128, 64, torch.float16, dev).persistent
     # exact fp32 (no tensor cores) keeps the pointer kernel; with TF32 allowed it goes persistent
-    assert not pick_config(1024, 3072, 768, torch.float32, dev).persistent
+    assert not _pick_config(1024, 3072, 768, torch.float32, dev).persistent
 
 
 def test_empty_rows(device):
@@ -537,7 +487,7 @@ def test_real_sizes(M, N, K, dtype, activation, device):
 def test_persistent_real_sizes(M, N, K, dtype, activation, device, launches):
     """BERT-base shapes through the heuristic: the persistent TMA kernel on Hopper (sm_90+)."""
     x, weight, b, r = _inputs(M, N, K, dtype, device)
-    config = pick_config(M, N, K, dtype, torch.device(device))
+    config = _pick_config(M, N, K, dtype, torch.device(device))
     _check_fwd(x, weight, b, activation, r)
     expected = "_linear_persistent_kernel" if config.persistent else "_linear_kernel"
     assert launches[0][0] == expected

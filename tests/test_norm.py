@@ -338,61 +338,6 @@ def test_linear_layer_norm_routes(route, bias, tmp_path, monkeypatch, device):
     assert_close(out, expected, torch.float32)
 
 
-@pytest.mark.parametrize("first, following, prologue_rows, launched", [
-    ("unsplit", "tiled", 1 << 30, ["_linear_kernel", "_linear_kernel", "_split_k_reduce_kernel"]),
-    ("unsplit", "tiled", 0, ["_linear_kernel", "_layer_norm_fwd_kernel", "_linear_kernel", "_split_k_reduce_kernel"]),
-    ("split", "tiled", 1 << 30, ["_linear_kernel", "_split_k_reduce_kernel"] * 2),
-    ("cublas", "tiled", 1 << 30, ["_layer_norm_fwd_kernel", "_linear_kernel", "_split_k_reduce_kernel"]),
-    ("unsplit", "cublas", 1 << 30, ["_linear_kernel", "_layer_norm_fwd_kernel", "_split_k_reduce_kernel"]),
-    ("unsplit", "persistent", 1 << 30, ["_linear_kernel", "_layer_norm_fwd_kernel", "_linear_persistent_kernel"]),
-])
-def test_linear_layer_norm_linear_routes(first, following, prologue_rows, launched, tmp_path, monkeypatch, device):
-    """The norm runs in the next product's prologue (no norm kernel) only where it would otherwise take a
-    kernel of its own (the first product unsplit) and the next product runs the tiled kernel, within
-    LAYER_NORM_PROLOGUE_MAX_M rows; otherwise in the first product's reduce, or a norm kernel. Both results
-    against the fp64 reference."""
-    monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
-    monkeypatch.setattr(ops, "LAYER_NORM_PROLOGUE_MAX_M", prologue_rows)
-    card = torch.cuda.get_device_name() if device == "cuda" else "triton-interpreter"
-    x, weight, b = torch.randn(3, 5, 40, device=device), torch.randn(24, 40, device=device) / 6, None
-    r, norm_weight, norm_bias = (torch.randn(3, 5, 24, device=device), torch.randn(24, device=device),
-                                 torch.randn(24, device=device))
-    next_weight, next_bias = torch.randn(16, 24, device=device) / 5, torch.randn(16, device=device)
-    entries = {"cublas": {"backend": ops.CUBLAS},
-               "split": dataclasses.asdict(LinearConfig(16, 16, 16, group_m=1, split_k=2)),
-               "unsplit": dataclasses.asdict(LinearConfig(16, 16, 16, group_m=1)),
-               "tiled": dataclasses.asdict(LinearConfig(16, 16, 16, group_m=1, split_k=2)),  # a prologue per split
-               "persistent": dataclasses.asdict(LinearConfig(16, 16, 16, group_m=1, persistent=True))}
-    tuning.cache().put("linear", card, "M16 N24 K40 float32 none bias=False residual=True", entries[first])
-    tuning.cache().put("linear", card, "M16 N16 K24 float32 gelu bias=True residual=False", entries[following])
-    launches = []
-    for module, name in ((linear_module, "_linear_kernel"), (linear_module, "_linear_persistent_kernel"),
-                         (linear_module, "_split_k_reduce_kernel"), (norm_module, "_layer_norm_fwd_kernel")):
-        monkeypatch.setattr(module, name, LaunchRecorder(getattr(module, name), name, launches))
-    normed, out = ops.linear_layer_norm_linear(x, weight, b, r, norm_weight, norm_bias, 1e-6, next_weight,
-                                               next_bias, activation="gelu")
-    names = [name for name, _ in launches]
-    if following == "persistent" and names[-1] == "_linear_kernel":  # no TMA here: the tiled kernel runs it
-        launched = [*launched[:-1], "_linear_kernel"]
-    assert names == launched
-    h = reference.linear(x.double(), weight.double(), None, None, r.double())
-    expected, _ = reference.layer_norm(h, norm_weight.double(), norm_bias.double(), 1e-6)
-    assert normed.shape == (3, 5, 24) and out.shape == (3, 5, 16)
-    assert_close(normed, expected, torch.float32)
-    assert_close(out, reference.linear(expected, next_weight.double(), next_bias.double(), "gelu", None),
-                 torch.float32)
-
-
-def test_linear_layer_norm_linear_rejects_bad_operands(device):
-    x, weight, r = torch.randn(4, 40, device=device), torch.randn(24, 40, device=device), torch.randn(4, 24,
-                                                                                                     device=device)
-    with pytest.raises(ValueError, match=r"x has 24 features but weight \(8, 30\) expects 30"):
-        ops.linear_layer_norm_linear(x, weight, None, r, None, None, 1e-5, torch.randn(8, 30, device=device))
-    with pytest.raises(ValueError, match="activation must be one of"):
-        ops.linear_layer_norm_linear(x, weight, None, r, None, None, 1e-5, torch.randn(8, 24, device=device),
-                                     activation="swish")
-
-
 def test_linear_layer_norm_rejects_bad_operands(device):
     x, weight, r = torch.randn(4, 40, device=device), torch.randn(24, 40, device=device), torch.randn(4, 24,
                                                                                                      device=device)

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from helpers import assert_close
 from torch import nn
 
-import tritonize.ops
 from tritonize.passes import DEFAULT_REGISTRY, Registry, register_pattern
 from tritonize.passes.linear import linear_plain
 from tritonize.reporting import Report
@@ -231,39 +230,6 @@ class DenseAddNorm(nn.Module):
         return (self.norm(h), h * 2) if self.pre_norm else self.norm(h)
 
 
-class DenseAddNormDense(nn.Module):
-    """BERT's attention output and MLP input: up(LayerNorm(dense(x) + r)), the norm also returned; with
-    `readers=2` a second linear reads the norm."""
-
-    def __init__(self, readers: int = 1) -> None:
-        super().__init__()
-        self.dense, self.norm = nn.Linear(24, 32), nn.LayerNorm(32, eps=1e-6)
-        self.up, self.side = nn.Linear(32, 40), nn.Linear(32, 8) if readers == 2 else None
-
-    def forward(self, x, r):
-        y = self.norm(self.dense(x) + r)
-        out = F.gelu(self.up(y))
-        return (y, out) if self.side is None else (y, out, self.side(y))
-
-
-@pytest.mark.parametrize("readers", [1, 2])
-def test_the_linear_reading_a_joined_norm_joins_it(readers, device, monkeypatch):
-    """dense + residual + LayerNorm, then the one linear reading the norm -> ops.linear_layer_norm_linear;
-    its result matches eager whether the norm runs in the next product's prologue or not; with two linear
-    readers nothing more is joined."""
-    model = DenseAddNormDense(readers).to(device).eval()
-    x, r = torch.randn(2, 7, 24, device=device), torch.randn(2, 7, 32, device=device)
-    for prologue_rows in (0, 1 << 30):
-        monkeypatch.setattr(tritonize.ops, "LAYER_NORM_PROLOGUE_MAX_M", prologue_rows)
-        out, expected, report, graphs = _compile(model, x, r)
-        for o, e in zip(out, expected, strict=True):
-            assert_close(o, e)
-    joined = {"linear_layer_norm_linear": 1} if readers == 1 else {}
-    assert report.replaced == {"linear": 1 + readers, "layer_norm": 1, "linear_layer_norm": 1, **joined}
-    names = sorted(name for name, _ in _ops_calls(graphs))
-    assert names == (["linear_layer_norm_linear"] if readers == 1 else ["linear", "linear", "linear_layer_norm"])
-
-
 @pytest.mark.parametrize("activation, pre_norm, joined", [(False, False, True), (True, False, False),
                                                           (False, True, False)])
 def test_linear_joins_the_layer_norm_that_alone_reads_it(activation, pre_norm, joined, device):
@@ -431,10 +397,8 @@ def test_tiny_hf_bert(attn_implementation, device):
     assert_close(out.last_hidden_state, expected.last_hidden_state)
     assert_close(out.pooler_output, expected.pooler_output)
     # per layer: q, k, v, out (+ residual), up (+ gelu), down (+ residual); the pooler (+ tanh); out and down
-    # then join the LayerNorm after them, and out's norm the up projection, its only linear reader (down's norm
-    # has three: the next q, k and v)
-    assert report.replaced == {"attention": 2, "layer_norm": 5, "linear": 13, "linear_layer_norm": 4,
-                               "linear_layer_norm_linear": 2}
+    # then join the LayerNorm after them
+    assert report.replaced == {"attention": 2, "layer_norm": 5, "linear": 13, "linear_layer_norm": 4}
     assert not report.fallbacks
 
 

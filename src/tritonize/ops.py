@@ -24,20 +24,16 @@ from tritonize.kernels.decode_attention import decode_attention_fwd
 from tritonize.kernels.gated_mlp import gated_mlp_fwd
 from tritonize.kernels.linear import (
     LinearConfig,
-    layer_norm_linear_fwd,
     linear_epilogue_fwd,
     linear_fwd,
     linear_layer_norm_fwd,
-    norm_fits_the_reduce,
-    pick_config,
     time_linear_configs,
     tuning_candidates,
 )
 from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
 from tritonize.kernels.rotary import rotary_cache_write_fwd, rotary_fwd
 
-__all__ = ["attention", "linear", "layer_norm", "linear_layer_norm", "linear_layer_norm_linear", "rms_norm", "rotary",
-           "rotary_cache_write",
+__all__ = ["attention", "linear", "layer_norm", "linear_layer_norm", "rms_norm", "rotary", "rotary_cache_write",
            "gated_mlp", "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "decode_attention",
            "SUPPORTED_DTYPES"]
 
@@ -485,90 +481,6 @@ def linear_layer_norm(
     _check_linear_args(x, weight, bias, None, residual)
     _check_norm_args(residual, None, eps, norm_weight=norm_weight, norm_bias=norm_bias)
     return _linear_layer_norm_op(x, weight, bias, residual, norm_weight, norm_bias, float(eps))
-
-
-# Rows up to which ops.linear_layer_norm_linear may layer-normalize in the next linear's prologue (every program
-# of that product re-reads its rows of x for the statistics).
-LAYER_NORM_PROLOGUE_MAX_M = 0
-
-
-@torch.library.custom_op("tritonize::linear_layer_norm_linear", mutates_args=())
-def _linear_layer_norm_linear_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor | None,
-    norm_bias: torch.Tensor | None,
-    eps: float,
-    next_weight: torch.Tensor,
-    next_bias: torch.Tensor | None,
-    next_activation: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    x2d, res2d = x.reshape(-1, x.shape[-1]), residual.reshape(-1, weight.shape[0])
-    activation = None if next_activation == "none" else next_activation
-    next_config = _runs_triton(x) and _layer_norm_prologue_config(x2d, weight, bias, res2d, next_weight,
-                                                                  next_bias, activation)
-    if not next_config:  # the norm in the first product's split-K reduce, or a kernel of its own
-        normed = _linear_layer_norm_op(x, weight, bias, residual, norm_weight, norm_bias, eps)
-        return normed, _linear_op(normed, next_weight, next_bias, next_activation, None)
-    h = _linear_2d(x2d, weight, bias, None, res2d)
-    normed, out = layer_norm_linear_fwd(h, norm_weight, norm_bias, eps, next_weight, next_bias, activation,
-                                        config=next_config)
-    return normed.reshape(residual.shape), out.reshape(*x.shape[:-1], next_weight.shape[0])
-
-
-def _layer_norm_prologue_config(x2d, weight, bias, res2d, next_weight, next_bias, activation) -> LinearConfig | None:
-    """The next product's tiled config where the norm can move into its prologue and would otherwise take a
-    launch of its own: the first product runs a tiled config without a split K (no reduce kernel to carry the
-    norm), the next one a tiled config that is not persistent, and there are at most LAYER_NORM_PROLOGUE_MAX_M
-    rows; else None."""
-    (M, K), N = x2d.shape, weight.shape[0]
-    if M > LAYER_NORM_PROLOGUE_MAX_M or gemv.preferred(x2d, weight):
-        return None
-    first = _tuned_linear_config(x2d, weight, bias, None, res2d)
-    if first == CUBLAS or norm_fits_the_reduce(first or pick_config(M, N, K, x2d.dtype, x2d.device), N):
-        return None
-    h = x2d.new_empty((M, N))  # the next product's input as tuning keys and times it
-    config = _tuned_linear_config(h, next_weight, next_bias, activation, None)
-    if config == CUBLAS or gemv.preferred(h, next_weight):
-        return None
-    config = config or pick_config(M, next_weight.shape[0], N, h.dtype, h.device)
-    return None if config.persistent else config
-
-
-@_linear_layer_norm_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, norm_bias, eps, next_weight, next_bias, next_activation):
-    return residual.new_empty(residual.shape), x.new_empty((*x.shape[:-1], next_weight.shape[0]))
-
-
-def linear_layer_norm_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor | None,
-    norm_bias: torch.Tensor | None,
-    eps: float,
-    next_weight: torch.Tensor,
-    next_bias: torch.Tensor | None = None,
-    *,
-    activation: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, activation(y @ next_weight^T + next_bias)) for y = linear_layer_norm(x, weight, bias, residual,
-    norm_weight, norm_bias, eps): a post-norm block's output projection, its norm, and the linear that reads the
-    norm (BERT: the attention output's norm and the MLP's up projection), y also returned for its other readers.
-
-    Where the first product's config splits K, the norm rides in its reduce (ops.linear_layer_norm); where it
-    would take a launch of its own and the next product runs a tiled, non-persistent config, the next product
-    computes it in its prologue (one launch fewer); otherwise ops.linear_layer_norm then ops.linear. Operands
-    as in those two.
-    """
-    _check_linear_args(x, weight, bias, None, residual)
-    _check_norm_args(residual, None, eps, norm_weight=norm_weight, norm_bias=norm_bias)
-    _check_linear_args(residual, next_weight, next_bias, activation, None)
-    return _linear_layer_norm_linear_op(x, weight, bias, residual, norm_weight, norm_bias, float(eps), next_weight,
-                                        next_bias, activation or "none")
 
 
 # -- rotary embeddings ----------------------------------------------------------------------------

@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonize.kernels import linear
 from tritonize.kernels.common import cast, dot, dot_precision
-from tritonize.kernels.linear import LinearConfig, _activation, _num_tiles, _tile_coords
+from tritonize.kernels.linear import LinearConfig, _activation, _num_tiles, _pick_config, _tile_coords
 
 
 @triton.jit
@@ -118,7 +117,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     A gated tile of block_n // 2 gate and block_n // 2 up columns loads and accumulates as much as a linear
     tile of block_n columns, so shared memory, registers, the program count and the split-K rule carry over.
     """
-    return dataclasses.replace(linear.pick_config(M, 2 * N, K, dtype, device), persistent=False)
+    return dataclasses.replace(_pick_config(M, 2 * N, K, dtype, device), persistent=False)
 
 
 def gated_mlp_fwd(

@@ -39,6 +39,9 @@ SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (an H100 block 
 MAX_FUSED_NORM_COLS = 8192
 # The tiled kernel, launched with PDL, prefetches its weight slice into L2 before waiting for the previous
 # kernel when x has at most this many rows (where the product is short and its weight read is most of it).
+# bert-base fp16 in tritonize's CUDA graphs on an H100, A/B in one process (2026-12-07,
+# ab-prefetch-prologue-bert-base-*.json): 1 x 16 0.341 vs 0.354 ms, 1 x 128 0.422 vs 0.443 ms, but 1 x 512
+# 0.695 vs 0.637 ms and 8 x 128 0.835 vs 0.764 ms, where many row blocks prefetch the same weight columns.
 PREFETCH_WEIGHT_MAX_M = 128
 
 
@@ -74,7 +77,7 @@ class LinearConfig:
 
 # Tiles for M > 16, biggest first, each with a guessed tensor-core efficiency (bigger tiles reuse
 # more of what they load) used to trade tile size against wave quantization on the SMs. The heuristic
-# runs them persistent where it can (see pick_config).
+# runs them persistent where it can (see _pick_config).
 # Prefill with enough tiles to fill the SMs: persistent through TMA (linear_fwd falls back to pointer
 # loads for other layouts). Best of the H100 sweep at BERT and Llama shapes (kernel-sweep-linear-*).
 # Exact fp32 dots (FMA, no tensor cores) spill heavily there and keep the pointer kernel.
@@ -192,44 +195,12 @@ def _prefetch_weight_slice(W_ptr, rows, w_row_stride, k_start, k_end, BLOCK_K: t
 
 
 @triton.jit
-def _row_mean_rstd(x_rows, x_col_stride, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Mean and 1 / sqrt(variance + eps) of each row of x (x_rows: [BLOCK_M, 1] row pointers), [BLOCK_M, 1] in
-    fp32: the two passes of norm.layer_norm_rows, over K in BLOCK_K steps."""
-    offs_k = tl.arange(0, BLOCK_K)
-    total = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        cols = k + offs_k
-        total += tl.load(x_rows + cols[None, :] * x_col_stride, mask=(cols < K)[None, :], other=0.0).to(tl.float32)
-    mean = tl.sum(total, axis=1)[:, None] / K
-    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        cols = k + offs_k
-        x = tl.load(x_rows + cols[None, :] * x_col_stride, mask=(cols < K)[None, :], other=0.0).to(tl.float32)
-        centered = tl.where((cols < K)[None, :], x - mean, 0.0)
-        squares += centered * centered
-    return mean, tl.rsqrt(tl.sum(squares, axis=1)[:, None] / K + eps)
-
-
-@triton.jit
-def _layer_norm_tile(x, mean, rstd, cols, K, NW_ptr, NB_ptr, HAS_NORM_WEIGHT: tl.constexpr,
-                     HAS_NORM_BIAS: tl.constexpr):
-    """(x - mean) * rstd * weight[cols] + bias[cols] in fp32, rounded to x's dtype (the stored norm output)."""
-    y = (x.to(tl.float32) - mean) * rstd
-    if HAS_NORM_WEIGHT:
-        y = y * tl.load(NW_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-    if HAS_NORM_BIAS:
-        y = y + tl.load(NB_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-    return cast(y, x.dtype)
-
-
-@triton.jit
 def _linear_kernel(
-    X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, Partial_ptr, NW_ptr, NB_ptr, Normed_ptr, M, N, K, k_split_size, eps,
+    X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, Partial_ptr, M, N, K, k_split_size,
     x_row_stride, x_col_stride, w_row_stride, w_col_stride, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_WEIGHT: tl.constexpr,
-    NORM_INPUT: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of x @ weight^T over the K range [pid_k * k_split_size, +k_split_size).
 
@@ -242,11 +213,6 @@ def _linear_kernel(
     programmatic dependent launch (common.py). PREFETCH_WEIGHT (with PDL; weight K-contiguous): the
     program's weight slice is prefetched into L2 before waiting for the previous kernel, which the weight
     never depends on, so its trip from HBM overlaps that kernel.
-    NORM_INPUT: x is layer-normalized on the fly (eps; NW_ptr, NB_ptr: norm weight and bias [K], contiguous,
-    unused without HAS_NORM_WEIGHT / HAS_NORM_BIAS): every program takes its rows' statistics over all of K
-    (x is small and L2-resident where this pays), as norm.py's LayerNorm kernel computes them, and multiplies
-    the normalized tiles rounded to x's dtype; the programs of the first column block also store them to
-    Normed_ptr [M, K], contiguous (the norm's output for other readers).
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -261,11 +227,8 @@ def _linear_kernel(
     wait_previous_allow_next(PDL)  # nothing else is read or written before the previous kernel has ended
 
     # -- K loop: rows past M / columns past N wrap (their results are never stored); K is masked --
-    x_rows = X_ptr + (offs_m % M).to(tl.int64)[:, None] * x_row_stride
-    x_ptrs = x_rows + (k_start + offs_k)[None, :] * x_col_stride
+    x_ptrs = X_ptr + (offs_m % M).to(tl.int64)[:, None] * x_row_stride + (k_start + offs_k)[None, :] * x_col_stride
     w_ptrs = W_ptr + (offs_n % N).to(tl.int64)[None, :] * w_row_stride + (k_start + offs_k)[:, None] * w_col_stride
-    if NORM_INPUT:
-        mean, rstd = _row_mean_rstd(x_rows, x_col_stride, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
@@ -275,10 +238,6 @@ def _linear_kernel(
             k_mask = (k + offs_k) < k_end
             x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        if NORM_INPUT:
-            x = _layer_norm_tile(x, mean, rstd, k + offs_k, K, NW_ptr, NB_ptr, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
-            normed_mask = (offs_m < M)[:, None] & ((k + offs_k) < k_end)[None, :] & (pid_n == 0)
-            tl.store(Normed_ptr + offs_m.to(tl.int64)[:, None] * K + (k + offs_k)[None, :], x, mask=normed_mask)
         acc = dot(x, w, acc, INPUT_PRECISION)
         x_ptrs += BLOCK_K * x_col_stride
         w_ptrs += BLOCK_K * w_col_stride
@@ -412,8 +371,7 @@ def _num_tiles(config: LinearConfig, M: int, N: int) -> int:
     return triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
 
 
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearConfig:
-    """The shape heuristic's config for x [M, K] @ weight [N, K]^T (what linear_fwd runs without a config)."""
+def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearConfig:
     return _pick_config_cached(M, N, K, dtype, device, dot_precision(dtype))
 
 
@@ -488,7 +446,7 @@ def tuning_candidates(M: int, N: int, K: int, dtype: torch.dtype, device: torch.
     candidates = linear_configs(M, dtype)
     if M <= SKINNY_MAX_M:
         candidates = [c for c in candidates if c.num_warps == 4 and c.block_k in (128, 256) and c.block_n >= 32]
-    return list(dict.fromkeys([pick_config(M, N, K, dtype, device), *candidates]))
+    return list(dict.fromkeys([_pick_config(M, N, K, dtype, device), *candidates]))
 
 
 def time_linear_configs(
@@ -524,7 +482,6 @@ def linear_fwd(
     out: torch.Tensor | None = None,
     config: LinearConfig | None = None,
     layer_norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
-    input_layer_norm: tuple[torch.Tensor | None, torch.Tensor | None, float, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """activation(x @ weight^T + bias) + residual as a contiguous [M, N] tensor in x's dtype.
 
@@ -533,17 +490,14 @@ def linear_fwd(
     persistent config runs the tiled pointer kernel where x or weight cannot be read through TMA.
     layer_norm: (weight, bias, eps), contiguous [N] or None each: the result is layer-normalized in the
     split-K reduce (`linear_layer_norm_fwd`; the config must split K and N <= MAX_FUSED_NORM_COLS).
-    input_layer_norm: (weight, bias, eps, normed), weight and bias contiguous [K] or None, normed a
-    contiguous [M, K] buffer: x is layer-normalized in the tiled kernel's prologue and the normalized x
-    written to normed (`layer_norm_linear_fwd`; the tiled kernel runs even for a persistent config).
     """
     (M, K), N = x.shape, weight.shape[0]
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    config = config or pick_config(M, N, K, x.dtype, x.device)
-    if layer_norm is not None and not norm_fits_the_reduce(config, N):
+    config = config or _pick_config(M, N, K, x.dtype, x.device)
+    if layer_norm is not None and not _norm_fits_the_reduce(config, N):
         raise ValueError(f"linear_fwd applies a layer norm only in a split-K reduce of rows of at most "
                          f"{MAX_FUSED_NORM_COLS} columns, got split_k={config.split_k}, N={N}")
     bias = None if bias is None else bias.contiguous()
@@ -551,7 +505,7 @@ def linear_fwd(
     flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None)
     precision, pdl = dot_precision(x.dtype), pdl_supported(x.device)
     sm_count, _, has_tma = _device_limits(x.device)
-    if config.persistent and has_tma and _tma_compatible(x) and _tma_compatible(weight) and not input_layer_norm:
+    if config.persistent and has_tma and _tma_compatible(x) and _tma_compatible(weight):
         x_desc = TensorDescriptor.from_tensor(x, [config.block_m, config.block_k])
         w_desc = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k])
         programs = sm_count * config.programs_per_sm
@@ -567,17 +521,14 @@ def linear_fwd(
         partial = torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
     k_split_size = triton.cdiv(triton.cdiv(K, config.split_k), config.block_k) * config.block_k
     grid = (_num_tiles(config, M, N), config.split_k)
-    norm_weight, norm_bias, eps, normed = input_layer_norm or (None, None, 0.0, None)
     _linear_kernel[grid](
-        x, weight, bias, residual, out, partial, norm_weight, norm_bias, normed, M, N, K, k_split_size, float(eps),
+        x, weight, bias, residual, out, partial, M, N, K, k_split_size,
         *x.stride(), *weight.stride(), *res_strides,
         **flags, SPLIT_K=config.split_k, INPUT_PRECISION=precision, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         EVEN_K=K % (config.block_k * config.split_k) == 0, PDL=pdl,
         PREFETCH_WEIGHT=pdl and weight.stride(1) == 1 and M <= PREFETCH_WEIGHT_MAX_M,
-        NORM_INPUT=input_layer_norm is not None, HAS_NORM_WEIGHT=norm_weight is not None,
-        HAS_NORM_BIAS=norm_bias is not None, num_warps=config.num_warps, num_stages=config.num_stages,
-        launch_pdl=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if config.split_k > 1:
         _reduce_and_epilogue(partial, bias, activation, residual, out, config.split_k, layer_norm)
@@ -606,7 +557,7 @@ def _reduce_and_epilogue(partial, bias, activation, residual, out, split_k: int,
     )  # fmt: skip
 
 
-def norm_fits_the_reduce(config: LinearConfig, N: int) -> bool:
+def _norm_fits_the_reduce(config: LinearConfig, N: int) -> bool:
     """Whether linear_fwd can layer-normalize in this config's split-K reduce: K is split (so a reduce kernel
     runs) and one program can hold rows of N columns."""
     return config.split_k > 1 and N <= MAX_FUSED_NORM_COLS
@@ -631,38 +582,13 @@ def linear_layer_norm_fwd(
     config overrides the shape heuristic.
     """
     (M, K), N = x.shape, weight.shape[0]
-    config = config or pick_config(M, N, K, x.dtype, x.device)
-    if not norm_fits_the_reduce(config, N):
+    config = config or _pick_config(M, N, K, x.dtype, x.device)
+    if not _norm_fits_the_reduce(config, N):
         product = linear_fwd(x, weight, bias, None, residual, config=config)
         return layer_norm_fwd(product, norm_weight, norm_bias, eps)[0]
     norm = (None if norm_weight is None else norm_weight.contiguous(),
             None if norm_bias is None else norm_bias.contiguous(), eps)
     return linear_fwd(x, weight, bias, None, residual, config=config, layer_norm=norm)
-
-
-def layer_norm_linear_fwd(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor | None,
-    norm_bias: torch.Tensor | None,
-    eps: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str | None,
-    config: LinearConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, activation(y @ weight^T + bias)) for y = layer_norm(x): one launch (two with a split K), the norm
-    computed in the product's prologue, y stored by the programs of the first column block as they go, in
-    x's dtype (the numerics of layer_norm_fwd then linear_fwd). For few rows, where a norm kernel of its own
-    costs a launch and the re-read of x per program hits L2.
-
-    x: [M, K], any strides; norm_weight, norm_bias: [K] or None; weight: [N, K]; bias: [N]. config:
-    overrides the shape heuristic (the tiled kernel runs, also for a persistent config).
-    """
-    normed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    norm = (None if norm_weight is None else norm_weight.contiguous(),
-            None if norm_bias is None else norm_bias.contiguous(), eps, normed)
-    out = linear_fwd(x, weight, bias, activation, None, config=config, input_layer_norm=norm)
-    return normed, out
 
 
 def linear_epilogue_fwd(

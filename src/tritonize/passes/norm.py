@@ -4,8 +4,7 @@
 of HF's RMSNorms by their numerics (Llama/T5: round, then multiply by the weight; Gemma: multiply by
 1 + weight in fp32, then round). When the normalized tensor is `a + b`, the add moves into the kernel
 and its other users read the kernel's second output. `linear_layer_norm` then joins a linear with a
-residual add to the LayerNorm that alone reads it, and `linear_layer_norm_linear` that pair to the linear
-reading the norm. eps always comes from the graph. passes/ never imports triton.
+residual add to the LayerNorm that alone reads it. eps always comes from the graph. passes/ never imports triton.
 """
 
 from __future__ import annotations
@@ -101,23 +100,6 @@ def linear_layer_norm(node: fx.Node) -> bool:
     if residual is None or linear.kwargs.get("activation") is not None:
         return False
     replace(node, ops.linear_layer_norm, *linear.args, residual, *node.args[1:])
-    return True
-
-
-@register_pattern("linear_layer_norm_linear", stage="lower")
-def linear_layer_norm_linear(node: fx.Node) -> bool:
-    """ops.linear_layer_norm whose output is the input of exactly one ops.linear without a residual (BERT: the
-    attention output's norm and the MLP's up projection) -> ops.linear_layer_norm_linear, which may compute
-    the norm in that linear's prologue. In the "lower" stage, so that plain linears are ops.linear by then."""
-    if not is_call(node, ops.linear_layer_norm):
-        return False
-    readers = [u for u in node.users
-               if is_call(u, ops.linear) and u.args[0] is node and u.kwargs.get("residual") is None]
-    if len(readers) != 1 or len(readers[0].args) != 3:
-        return False
-    reader = readers[0]
-    replace((node, reader), ops.linear_layer_norm_linear, *node.args, *reader.args[1:],
-            activation=reader.kwargs.get("activation"))
     return True
 
 
