@@ -115,6 +115,78 @@ def test_pdl_kernels_compile_for_sm90_and_wait_first(kernel):
     assert_pdl_waits_first(sm90_ptx("tritonize.kernels.norm", kernel, types, constexprs))
 
 
+# -- embeddings + LayerNorm ------------------------------------------------------------------------
+
+
+def _embedding_reference(ids, tables, weight, bias, eps):
+    """fp64 LayerNorm of the lookups summed in order, each sum rounded to the tables' dtype as eager's."""
+    total = tables[0][ids[0]]
+    for ids_i, table in zip(ids[1:], tables[1:], strict=True):
+        total = total + table[ids_i]
+    return reference.layer_norm(total.double(), _f64(weight), _f64(bias), eps)[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, seq, hidden, tables, affine", [
+    (3, 7, 40, 3, True),  # BERT: words [B, S], token types [B, S], positions [1, S]
+    (1, 1, 33, 2, False),
+    (2, 130, 96, 3, False),
+    (None, 9, 24, 2, True),  # 1-D ids: [seq]
+])
+def test_embedding_layer_norm(batch, seq, hidden, tables, affine, dtype, device):
+    """Gathers, sums and LayerNorm in one kernel against fp64 (sums rounded as eager's), into a NaN-poisoned
+    output, with broadcast ids (positions over the batch, a stride-0 expanded token-type row) and int32 ids."""
+    shape = (seq,) if batch is None else (batch, seq)
+    vocab = (50, 2, 512)[:tables]
+    weights = [(torch.randn(rows, hidden, device=device) + 2.0).to(dtype) for rows in vocab]  # a common offset
+    ids = [torch.randint(0, 50, shape, device=device),
+           torch.randint(0, 2, shape[-1:], device=device).expand(shape).to(torch.int32),
+           torch.arange(seq, device=device)[None] if batch is not None else torch.arange(seq, device=device)][:tables]
+    weight, bias = ((torch.randn(hidden, device=device).to(dtype), torch.randn(hidden, device=device).to(dtype))
+                    if affine else (None, None))
+    out = poisoned((*shape, hidden), dtype, device)
+    y = norm_module.embedding_layer_norm_fwd(ids, weights, weight, bias, 1e-12, out=out)
+    assert y is out
+    assert_close(y, _embedding_reference(ids, weights, weight, bias, 1e-12), dtype)
+
+
+def test_embedding_layer_norm_marks_an_id_outside_its_table(device):
+    """An id past its table (or negative) gives that token a row of NaN, every other token its values."""
+    tables = [torch.randn(10, 16, device=device), torch.randn(4, 16, device=device)]
+    ids = [torch.tensor([[1, 10, 3], [2, 2, 2]], device=device), torch.tensor([[0, 1, 2], [3, -1, 0]], device=device)]
+    y = norm_module.embedding_layer_norm_fwd(ids, tables, None, None, 1e-5)
+    bad = torch.isnan(y).all(-1)
+    assert bad.tolist() == [[False, True, False], [False, True, False]] and not torch.isnan(y[~bad]).any()
+    good = [i.clamp(0, 3) for i in ids]
+    expected = _embedding_reference(good, tables, None, None, 1e-5)
+    assert_close(y[~bad], expected[~bad], torch.float32)
+
+
+def test_embedding_layer_norm_compiles_for_sm90_and_waits_first():
+    types = {name: "*fp16" for name in ("T0_ptr", "T1_ptr", "T2_ptr", "Y_ptr", "W_ptr", "B_ptr")}
+    types.update({name: "*i64" for name in ("Ids0_ptr", "Ids1_ptr", "Ids2_ptr")}, eps="fp32")
+    constexprs = dict(NUM_TABLES=3, HAS_WEIGHT=True, HAS_BIAS=True, ROWS_PER_PROGRAM=2, BLOCK_SIZE=1024, PDL=True)
+    assert_pdl_waits_first(sm90_ptx("tritonize.kernels.norm", "_embedding_layer_norm_kernel", types, constexprs))
+
+
+def test_ops_embedding_layer_norm_checks_its_operands(device):
+    ids, table = torch.zeros(2, 5, dtype=torch.long, device=device), torch.randn(8, 16, device=device)
+    assert_close(ops.embedding_layer_norm([ids, ids], [table, table], None, None),
+                 _embedding_reference([ids, ids], [table, table], None, None, 1e-5), torch.float32)
+    with pytest.raises(ValueError, match="2 or 3"):
+        ops.embedding_layer_norm([ids], [table], None, None)
+    with pytest.raises(TypeError, match=r"ids\[1\] must be int32 or int64"):
+        ops.embedding_layer_norm([ids, ids.float()], [table, table], None, None)
+    with pytest.raises(TypeError, match=r"tables\[1\] has dtype torch.float16"):
+        ops.embedding_layer_norm([ids, ids], [table, table.half()], None, None)
+    with pytest.raises(ValueError, match=r"tables\[1\] must be \[rows, 16\]"):
+        ops.embedding_layer_norm([ids, ids], [table, torch.randn(8, 12, device=device)], None, None)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        ops.embedding_layer_norm([ids, ids[:, :3]], [table, table], None, None)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        ops.embedding_layer_norm([ids, ids], [table, table], torch.ones(12, device=device), None)
+
+
 def test_kernel_writes_no_sum_without_store_sum(device):
     """STORE_SUM=False leaves the h buffer as it was (the kernel saves that write, it does not just discard it)."""
     (n_rows, n_cols), dtype = (5, 40), torch.float32

@@ -230,6 +230,40 @@ class DenseAddNorm(nn.Module):
         return (self.norm(h), h * 2) if self.pre_norm else self.norm(h)
 
 
+class SummedEmbeddings(nn.Module):
+    """BERT's embeddings: LayerNorm(words[ids] + types[type_ids] + positions[arange(seq)]) (positions broadcast
+    over the batch); max_norm on the words makes the lookup renormalize its table."""
+
+    def __init__(self, tables: int = 3, max_norm: float | None = None) -> None:
+        super().__init__()
+        self.words = nn.Embedding(30, 16, max_norm=max_norm)
+        self.others = nn.ModuleList(nn.Embedding(rows, 16) for rows in (2, 12, 12)[:tables - 1])
+        self.norm = nn.LayerNorm(16, eps=1e-12)
+
+    def forward(self, ids, type_ids):
+        total = self.words(ids)
+        for i, table in enumerate(self.others):
+            total = total + (table(type_ids) if i == 0 else table(torch.arange(ids.shape[1], device=ids.device)[None]))
+        return self.norm(total)
+
+
+@pytest.mark.parametrize("tables, max_norm, fused", [(2, None, True), (3, None, True), (4, None, False),
+                                                     (3, 1.0, False)])
+def test_embedding_sums_join_their_layer_norm(tables, max_norm, fused, device):
+    """2 or 3 lookups summed into a LayerNorm -> one ops.embedding_layer_norm; 4 lookups (rejected, with the
+    reason) or a renormalizing lookup leave the lookups alone and the norm to `layer_norm`."""
+    model = SummedEmbeddings(tables, max_norm).to(device).eval()
+    ids, type_ids = torch.randint(0, 30, (2, 9), device=device), torch.randint(0, 2, (2, 9), device=device)
+    with torch.no_grad():
+        out, expected, report, graphs = _compile(model, ids, type_ids, context=torch.no_grad)
+    assert_close(out, expected)
+    names = [name for name, _ in _ops_calls(graphs)]
+    assert names == (["embedding_layer_norm"] if fused else ["layer_norm"])
+    rejected = [reason for _, reason in report.fallbacks]
+    assert rejected == (["4 embeddings are summed; the kernel takes 2 or 3 [embedding_layer_norm]"] if tables == 4
+                        else [])
+
+
 @pytest.mark.parametrize("activation, pre_norm, joined", [(False, False, True), (True, False, False),
                                                           (False, True, False)])
 def test_linear_joins_the_layer_norm_that_alone_reads_it(activation, pre_norm, joined, device):
@@ -397,8 +431,9 @@ def test_tiny_hf_bert(attn_implementation, device):
     assert_close(out.last_hidden_state, expected.last_hidden_state)
     assert_close(out.pooler_output, expected.pooler_output)
     # per layer: q, k, v, out (+ residual), up (+ gelu), down (+ residual); the pooler (+ tanh); out and down
-    # then join the LayerNorm after them
-    assert report.replaced == {"attention": 2, "layer_norm": 5, "linear": 13, "linear_layer_norm": 4}
+    # then join the LayerNorm after them; the embeddings' three lookups, sums and LayerNorm become one op
+    assert report.replaced == {"attention": 2, "embedding_layer_norm": 1, "layer_norm": 4, "linear": 13,
+                               "linear_layer_norm": 4}
     assert not report.fallbacks
 
 

@@ -30,10 +30,11 @@ from tritonize.kernels.linear import (
     time_linear_configs,
     tuning_candidates,
 )
-from tritonize.kernels.norm import layer_norm_fwd, rms_norm_fwd
+from tritonize.kernels.norm import embedding_layer_norm_fwd, layer_norm_fwd, rms_norm_fwd
 from tritonize.kernels.rotary import rotary_cache_write_fwd, rotary_fwd
 
-__all__ = ["attention", "linear", "layer_norm", "linear_layer_norm", "rms_norm", "rotary", "rotary_cache_write",
+__all__ = ["attention", "linear", "layer_norm", "linear_layer_norm", "embedding_layer_norm", "rms_norm", "rotary",
+           "rotary_cache_write",
            "gated_mlp", "concat_gate_up", "rms_norm_linear", "rms_norm_gated_mlp", "decode_attention",
            "SUPPORTED_DTYPES"]
 
@@ -481,6 +482,61 @@ def linear_layer_norm(
     _check_linear_args(x, weight, bias, None, residual)
     _check_norm_args(residual, None, eps, norm_weight=norm_weight, norm_bias=norm_bias)
     return _linear_layer_norm_op(x, weight, bias, residual, norm_weight, norm_bias, float(eps))
+
+
+@torch.library.custom_op("tritonize::embedding_layer_norm", mutates_args=())
+def _embedding_layer_norm_op(
+    ids: list[torch.Tensor],
+    tables: list[torch.Tensor],
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    if _runs_triton(tables[0]):
+        return embedding_layer_norm_fwd(list(ids), list(tables), norm_weight, norm_bias, eps)
+    return reference.embedding_layer_norm(list(ids), list(tables), norm_weight, norm_bias, eps)
+
+
+@_embedding_layer_norm_op.register_fake
+def _(ids, tables, norm_weight, norm_bias, eps):
+    shape = torch.broadcast_shapes(*(i.shape for i in ids))
+    return tables[0].new_empty((*shape, tables[0].shape[1]))
+
+
+def embedding_layer_norm(
+    ids: Sequence[torch.Tensor],
+    tables: Sequence[torch.Tensor],
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """layer_norm(tables[0][ids[0]] + tables[1][ids[1]] (+ tables[2][ids[2]])) in one kernel: an encoder's
+    embedding block (BERT: word, token-type and position embeddings, summed in that order, then LayerNorm).
+
+    ids: 2 or 3 integer tensors of shape [batch, seq] or [seq] that broadcast together; tables: [rows, hidden]
+    each, one float dtype and device, the last dim contiguous; norm_weight, norm_bias: [hidden] or None. The
+    sums are rounded to the tables' dtype as eager adds store them. An id outside its table gives a row of
+    NaN on the kernel path (eager PyTorch raises a device-side assert there) and an IndexError on CPU.
+    """
+    if not 2 <= len(ids) == len(tables) <= 3:
+        raise ValueError(f"embedding_layer_norm takes 2 or 3 (ids, table) pairs, got {len(ids)} ids and "
+                         f"{len(tables)} tables")
+    for i, (ids_i, table) in enumerate(zip(ids, tables, strict=True)):
+        _check_tensor(f"ids[{i}]", ids_i, ndim=(1, 2))
+        if ids_i.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"ids[{i}] must be int32 or int64, got {ids_i.dtype}")
+        _check_tensor(f"tables[{i}]", table, ndim=2)
+        _check_float(f"tables[{i}]", table, tables[0].dtype)
+        if table.shape[1] != tables[0].shape[1] or table.stride(1) != 1:
+            raise ValueError(f"tables[{i}] must be [rows, {tables[0].shape[1]}] with contiguous rows, got shape "
+                             f"{tuple(table.shape)} strides {table.stride()}")
+        _check_same_device(tables[0].device, **{f"ids[{i}]": ids_i, f"tables[{i}]": table})
+    try:
+        torch.broadcast_shapes(*(i.shape for i in ids))
+    except RuntimeError as error:
+        raise ValueError(f"the ids' shapes {[tuple(i.shape) for i in ids]} do not broadcast") from error
+    _check_norm_args(tables[0], None, eps, norm_weight=norm_weight, norm_bias=norm_bias)  # rows as the norm's x
+    return _embedding_layer_norm_op(list(ids), list(tables), norm_weight, norm_bias, float(eps))
 
 
 # -- rotary embeddings ----------------------------------------------------------------------------

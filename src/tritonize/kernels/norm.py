@@ -127,6 +127,50 @@ def _rms_norm_fwd_kernel(
     _store_rows(Y_ptr, y, rows, cols, mask, y_row_stride)
 
 
+@triton.jit
+def _gathered_rows(Ids_ptr, ids_batch_stride, ids_seq_stride, T_ptr, t_rows, t_row_stride, batch, pos, cols, mask):
+    """Rows T[ids[batch, pos]] as fp32 [ROWS, BLOCK_SIZE], zero outside mask; NaN for an id outside
+    [0, t_rows) (nothing is read there: the caller's result is then NaN, never another row's values)."""
+    ids = tl.load(Ids_ptr + batch * ids_batch_stride + pos * ids_seq_stride)
+    valid = (ids >= 0) & (ids < t_rows)
+    row = tl.load(T_ptr + ids.to(tl.int64) * t_row_stride + cols, mask=mask & valid, other=0.0).to(tl.float32)
+    return tl.where(valid, row, float("nan"))
+
+
+@triton.jit
+def _embedding_layer_norm_kernel(
+    Ids0_ptr, Ids1_ptr, Ids2_ptr, T0_ptr, T1_ptr, T2_ptr, Y_ptr, W_ptr, B_ptr,
+    ids0_batch_stride, ids0_seq_stride, ids1_batch_stride, ids1_seq_stride, ids2_batch_stride, ids2_seq_stride,
+    t0_rows, t1_rows, t2_rows, t0_row_stride, t1_row_stride, t2_row_stride, n_rows, n_cols, seq_len, eps,
+    NUM_TABLES: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """y = layer_norm(T0[ids0] + T1[ids1] (+ T2[ids2])) for each token (row) of a [batch, seq_len] input.
+
+    Ids*_ptr: integer ids, token (b, s) at b * ids_batch_stride + s * ids_seq_stride (stride 0 broadcasts, as
+    BERT's position ids over the batch). T*_ptr: tables [t_rows, n_cols], rows t_row_stride apart, columns
+    contiguous, in Y's dtype; the gathered rows are summed in order, each sum rounded to Y's dtype as eager
+    adds store it. Y_ptr: [n_rows = batch * seq_len, n_cols], contiguous. W_ptr, B_ptr as in
+    _layer_norm_fwd_kernel. An id outside its table gives a row of NaN. PDL: as in _layer_norm_fwd_kernel.
+    """
+    wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
+    rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
+    rows = tl.minimum(rows, n_rows - 1)  # rows past the end repeat the last (never stored): ids stay in bounds
+    batch, pos = rows // seq_len, rows % seq_len
+    h = _gathered_rows(Ids0_ptr, ids0_batch_stride, ids0_seq_stride, T0_ptr, t0_rows, t0_row_stride, batch, pos,
+                       cols, mask)
+    h += _gathered_rows(Ids1_ptr, ids1_batch_stride, ids1_seq_stride, T1_ptr, t1_rows, t1_row_stride, batch, pos,
+                        cols, mask)
+    h = cast(h, Y_ptr.dtype.element_ty).to(tl.float32)
+    if NUM_TABLES == 3:
+        h += _gathered_rows(Ids2_ptr, ids2_batch_stride, ids2_seq_stride, T2_ptr, t2_rows, t2_row_stride, batch,
+                            pos, cols, mask)
+        h = cast(h, Y_ptr.dtype.element_ty).to(tl.float32)
+    h = tl.where(mask, h, 0.0)
+    y = layer_norm_rows(h, cols, mask, n_cols, eps, W_ptr, B_ptr, HAS_WEIGHT, HAS_BIAS)
+    _store_rows(Y_ptr, y, rows, cols, mask, n_cols)
+
+
 def launch_config(n_rows: int, n_cols: int, min_elements: int = MIN_ELEMENTS_PER_PROGRAM) -> tuple[int, int, int]:
     """(BLOCK_SIZE, ROWS_PER_PROGRAM, num_warps) for whole rows in registers.
 
@@ -215,3 +259,42 @@ def rms_norm_fwd(
         _rms_norm_fwd_kernel, x, (weight,), eps, residual, out, residual_out, keep_sum, pdl,
         WEIGHT_OFFSET=1.0 if variant == "gemma" else 0.0, ROUND_BEFORE_WEIGHT=variant != "gemma",
     )  # fmt: skip
+
+
+def embedding_layer_norm_fwd(
+    ids: list[torch.Tensor],
+    tables: list[torch.Tensor],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    out: torch.Tensor | None = None,
+    pdl: bool | None = None,
+) -> torch.Tensor:
+    """layer_norm(tables[0][ids[0]] + tables[1][ids[1]] (+ tables[2][ids[2]])): an encoder's embeddings (words,
+    token types, positions) gathered, summed in order (each sum rounded to the tables' dtype, as eager adds
+    store it) and normalized in one kernel. Returns [batch, seq_len, n_cols] (or [seq_len, n_cols] for 1-D ids).
+
+    ids: 2 or 3 integer tensors of shape [batch, seq_len] or [seq_len], broadcast together (BERT's position ids
+    [1, seq_len]); tables: [rows, n_cols] each, columns contiguous, one dtype; weight, bias: [n_cols] or None.
+    An id outside its table gives a row of NaN. Validated by tritonize.ops. out: an optional contiguous output
+    of that shape. pdl: as in layer_norm_fwd.
+    """
+    shape = torch.broadcast_shapes(*(i.shape for i in ids))
+    batch, seq_len = (1, *shape) if len(shape) == 1 else shape
+    n_cols = tables[0].shape[1]
+    y = out if out is not None else tables[0].new_empty((*shape, n_cols))
+    n_rows = batch * seq_len
+    if n_rows == 0:
+        return y
+    ids = [i.expand(shape).reshape(batch, seq_len) for i in ids]  # views: broadcast dims get stride 0
+    num_tables = len(tables)
+    ids, tables = ids + ids[:3 - num_tables], list(tables) + list(tables[:3 - num_tables])  # unused third: the first
+    block_size, rows_per_program, num_warps = launch_config(n_rows, n_cols)
+    pdl = n_rows <= PDL_MAX_ROWS and pdl_supported(y.device) if pdl is None else pdl
+    _embedding_layer_norm_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        *ids, *tables, y, weight, bias, *(stride for i in ids for stride in i.stride()),
+        *(t.shape[0] for t in tables), *(t.stride(0) for t in tables), n_rows, n_cols, seq_len, eps,
+        NUM_TABLES=num_tables, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        ROWS_PER_PROGRAM=rows_per_program, BLOCK_SIZE=block_size, PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
+    )  # fmt: skip
+    return y

@@ -115,6 +115,21 @@ def layer_norm(
     return y.to(x.dtype), h.to(x.dtype)
 
 
+def embedding_layer_norm(
+    ids: list[torch.Tensor],
+    tables: list[torch.Tensor],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """LayerNorm of tables[0][ids[0]] + tables[1][ids[1]] + ..., summed in order in the tables' dtype (each sum
+    rounded as eager adds store it; ids broadcast together)."""
+    total = tables[0][ids[0]]
+    for ids_i, table in zip(ids[1:], tables[1:], strict=True):
+        total = total + table[ids_i]
+    return layer_norm(total, weight, bias, eps)[0]
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -1,5 +1,6 @@
 """LayerNorm and RMSNorm -> `tritonize.ops.layer_norm` / `ops.rms_norm`, with a residual add fused in.
 
+`embedding_layer_norm` first takes a LayerNorm of summed embedding lookups (BERT's embeddings) whole.
 `layer_norm` matches `F.layer_norm(x, (hidden,), w, b, eps)`; `rms_norm` matches the written-out forms
 of HF's RMSNorms by their numerics (Llama/T5: round, then multiply by the weight; Gemma: multiply by
 1 + weight in fp32, then round). When the normalized tensor is `a + b`, the add moves into the kernel
@@ -71,6 +72,48 @@ def _replace_norm(end: fx.Node, x: fx.Node, norm, *args, **kwargs) -> None:
         except Reject:
             pass
     replace(end, norm, x, *args, **kwargs)
+
+
+def _embedding_lookups(x: object) -> list[tuple[fx.Node, fx.Node]] | None:
+    """[(ids, table), ...] in summation order when x = F.embedding(ids0, t0) + F.embedding(ids1, t1) (+ ...),
+    each lookup and partial sum read only by the next add and no lookup renormalizing its table (max_norm);
+    else None."""
+    if is_call(x, F.embedding):
+        plain = arg(x, 3, "max_norm") is None
+        return [(arg(x, 0, "input"), arg(x, 1, "weight"))] if plain else None
+    pair = operands(x, ADD)
+    if pair is None or not all(isinstance(v, fx.Node) and sole_user(v) is x for v in pair):
+        return None
+    first, second = _embedding_lookups(pair[0]), _embedding_lookups(pair[1])
+    return None if first is None or second is None else first + second
+
+
+@register_pattern("embedding_layer_norm")
+def embedding_layer_norm(node: fx.Node) -> bool:
+    """F.layer_norm(F.embedding(ids0, t0) + F.embedding(ids1, t1) (+ F.embedding(ids2, t2))) over the last dim
+    (BERT's embeddings: words, token types, positions) -> ops.embedding_layer_norm: the gathers, the sums and
+    the norm in one kernel. Registered before `layer_norm`, which would otherwise take the last add."""
+    if not is_call(node, F.layer_norm):
+        return False
+    lookups = _embedding_lookups(arg(node, 0, "input"))
+    if lookups is None or len(lookups) < 2:
+        return False
+    shape, weight, bias = arg(node, 1, "normalized_shape"), arg(node, 2, "weight"), arg(node, 3, "bias")
+    eps = arg(node, 4, "eps", 1e-5)
+    x_value = _check_norm(node.args[0], eps, weight=weight, bias=bias)
+    check(isinstance(shape, (list, tuple)) and list(shape) == [x_value.shape[-1]],
+          f"normalized_shape {shape} is not the last dim alone")
+    check(len(lookups) <= 3, f"{len(lookups)} embeddings are summed; the kernel takes 2 or 3")
+    for i, (ids, table) in enumerate(lookups):
+        ids_value, table_value = fake(ids), check_tensor(f"tables[{i}]", table)
+        check(isinstance(ids_value, torch.Tensor) and ids_value.dtype in (torch.int32, torch.int64)
+              and ids_value.dim() in (1, 2) and ids_value.device == x_value.device,
+              f"ids[{i}] is not an int32/int64 [batch, seq] or [seq] tensor on x's device")
+        check(table_value.dim() == 2 and table_value.dtype == x_value.dtype, f"table {i} is not 2-D in x's dtype")
+        check(table_value.device == x_value.device, f"table {i} is on {table_value.device}, x on {x_value.device}")
+    replace(node, ops.embedding_layer_norm, [ids for ids, _ in lookups], [table for _, table in lookups], weight,
+            bias, eps)
+    return True
 
 
 @register_pattern("layer_norm")
