@@ -1,7 +1,8 @@
 """A/B of kernel launch choices for an encoder (bert-base fp16) in tritonize's CUDA graphs, in one process.
 
 Each variant optimizes its own copy of the model (same weights) and captures its graphs with its switches
-set (module attributes the kernels read at launch), so each graph keeps its launch modes. Then 3
+set (module attributes the kernels read at launch, or optimize_model at optimization), so each graph keeps
+its launch modes. Then 3
 interleaved rounds of `do_bench` medians per shape, so drift hits every variant alike; outputs compared
 with the first variant's.
 
@@ -12,6 +13,8 @@ Experiments:
   split-K reduce of its product (one launch) or in a norm kernel after it, all four combinations, and
   the shipped choice (PDL up to `norm.PDL_MAX_ROWS` rows; added after the 2026-12-07 run, which had the
   four others: `ab-layer-norm-bert-base-*.json`);
+- embeddings: BERT's embeddings and pooler compiled by optimize_model (one embedding + LayerNorm kernel, the
+  pooler's linear + tanh as one GEMV) or left as PyTorch ops inside the CUDA graph;
 - weight-prefetch: the tiled linear kernel prefetching its weight slice into L2 before its PDL wait, or not,
   and the shipped gate (`linear.PREFETCH_WEIGHT_MAX_M`). The 2026-12-07 H100 run
   (`ab-prefetch-prologue-bert-base-*.json`) was this experiment crossed with a LayerNorm computed in the next
@@ -32,20 +35,26 @@ import triton
 from triton.testing import do_bench
 
 import tritonize
+from tritonize import optimize
 from tritonize.bench.models import build_model
 from tritonize.kernels import attention, linear, norm
 
+SHIPPED_COMPILE_OTHER_CHILDREN = optimize._compile_other_children
+
 
 def switches(attention_pdl=True, norm_pdl_rows=norm.PDL_MAX_ROWS, norm_in_reduce=True,
-             prefetch_weight_rows=linear.PREFETCH_WEIGHT_MAX_M) -> dict:
+             prefetch_weight_rows=linear.PREFETCH_WEIGHT_MAX_M, compile_other_children=True) -> dict:
     """(module, attribute) -> value for one variant; the defaults are what tritonize ships. norm_pdl_rows: the
     norm kernels launch with PDL on at most this many rows; prefetch_weight_rows: the tiled linear kernel
-    prefetches its weight into L2 before its PDL wait on at most this many rows."""
+    prefetches its weight into L2 before its PDL wait on at most this many rows; compile_other_children:
+    optimize_model compiles BERT's embeddings and pooler too (else they run as PyTorch ops)."""
     return {
         (attention, "pdl_supported"): lambda device: attention_pdl,
         (norm, "PDL_MAX_ROWS"): norm_pdl_rows,
         (linear, "MAX_FUSED_NORM_COLS"): linear.MAX_FUSED_NORM_COLS if norm_in_reduce else 0,
         (linear, "PREFETCH_WEIGHT_MAX_M"): prefetch_weight_rows,
+        (optimize, "_compile_other_children"): (SHIPPED_COMPILE_OTHER_CHILDREN if compile_other_children
+                                                else lambda target, backend: []),
     }
 
 
@@ -61,6 +70,10 @@ EXPERIMENTS = {
         "norm in reduce, pdl": switches(norm_pdl_rows=1 << 40),
         "norm in reduce, pdl up to 512 rows": switches(),
     },
+    "embeddings": {
+        "embeddings and pooler as pytorch ops": switches(compile_other_children=False),
+        "embeddings and pooler compiled": switches(),
+    },
     "weight-prefetch": {
         "no weight prefetch": switches(prefetch_weight_rows=0),
         "weight prefetch": switches(prefetch_weight_rows=1 << 40),
@@ -69,26 +82,27 @@ EXPERIMENTS = {
 }
 SHAPES = {"attention-pdl": [(1, 16), (1, 128), (8, 128), (32, 128)],
           "layer-norm": [(1, 16), (1, 128), (1, 512), (8, 128), (32, 128)],
-          "weight-prefetch": [(1, 16), (1, 128), (1, 512), (8, 128)]}
+          "weight-prefetch": [(1, 16), (1, 128), (1, 512), (8, 128)],
+          "embeddings": [(1, 16), (1, 128), (1, 512), (8, 128), (32, 128)]}
 
 
 def main(experiment: str, out_dir: str) -> None:
     variants, shapes = EXPERIMENTS[experiment], SHAPES[experiment]
-    models = {}
-    for name in variants:
+    models, weights, inputs, outs = {}, None, None, {}
+    for name, settings in variants.items():  # optimized and captured under its switches, kept by its graphs
+        for (module, attribute), value in settings.items():
+            setattr(module, attribute, value)
         model, make_inputs = build_model("bert-base", "sdpa")
-        if models:
-            model.load_state_dict(next(iter(models.values())).state_dict())
+        if weights is None:
+            weights = model.state_dict()
+            inputs = {s: {k: v.cuda() for k, v in make_inputs(*s).items()} for s in shapes}
+        model.load_state_dict(weights)
         models[name] = tritonize.optimize_model(model.to("cuda", torch.float16))
-    inputs = {s: {k: v.cuda() for k, v in make_inputs(*s).items()} for s in shapes}
-    times = {(v, s): [] for v in variants for s in shapes}
-    outs = {}
-    with torch.inference_mode():
-        for name, settings in variants.items():  # graphs captured now keep these launch modes
-            for (module, attribute), value in settings.items():
-                setattr(module, attribute, value)
+        with torch.inference_mode():
             for s in shapes:
                 outs[(name, s)] = models[name](**inputs[s])[0].float().clone()
+    times = {(v, s): [] for v in variants for s in shapes}
+    with torch.inference_mode():
         for _ in range(3):
             for name in variants:
                 for s in shapes:
