@@ -91,13 +91,13 @@ def _compile_blocks(blocks: torch.nn.ModuleList, backend) -> None:
 
 
 def _compile_other_children(target: torch.nn.Module, backend) -> list[torch.nn.Module]:
-    """Compiles, each whole, the target's direct children outside the block stack that hold parameters and no
-    stack of their own (BERT's embeddings and pooler: their gathers, norm, linear and tanh then run fused,
-    5 to 8 small PyTorch kernels fewer); returns them."""
+    """Compiles, each whole, the target's direct children that hold parameters and no stack of blocks (BERT's
+    embeddings and pooler: their lookups, adds and LayerNorm then run as one kernel, the pooler's linear and
+    tanh as another); returns them."""
     regions = []
     for child in target.children():
-        inner = list(child.modules())
-        if any(isinstance(m, torch.nn.ModuleList) for m in inner) or next(child.parameters(), None) is None:
+        stacked = any(isinstance(m, torch.nn.ModuleList) for m in child.modules())
+        if stacked or next(child.parameters(), None) is None:
             continue
         compiled = torch.compile(child.forward, backend=backend)
 
