@@ -163,8 +163,9 @@ def compile_in_parallel(run: Callable[[], object], workers: int | None = None) -
     index_select) fed with such data may trigger a device-side assert, which poisons the CUDA context.
     tritonize's own kernels are safe with garbage inputs: attention reads its key-padding mask only as
     booleans and keeps its key range within [0, kv_len); decode attention clamps its sequence lengths and key
-    starts to the cache; the rotary cache write skips positions outside the cache; the GEMMs, GEMVs, norms and
-    rotary kernels index by shapes and strides only; no op reads device data on the host. Encoder forwards
+    starts to the cache; the rotary cache write skips positions outside the cache; the embedding + norm kernel
+    reads nothing outside its tables (an id outside gives NaN); the GEMMs, GEMVs, norms and rotary kernels
+    index by shapes and strides only; no op reads device data on the host. Encoder forwards
     (what `optimize_model`'s bucketed runner discovers) take their indices from the caller's inputs (input
     ids, attention masks, positions): safe. A decode loop that feeds tokens chosen from the model's output
     back into its embedding is not (generation/ does not use this). Kernels from other modules (a user's own
