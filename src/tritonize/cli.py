@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PARTS = ("attention", "linear", "norm", "decode-attention", "gated-mlp", "rotary")
-# Run by default: the parts already measured on a GPU; the generation kernels are opt-in until they are.
+PARTS = ("attention", "linear", "norm", "embedding-norm", "decode-attention", "gated-mlp", "rotary")
+# Run by default: the parts already measured on a GPU; the others (generation kernels, the embeddings + norm)
+# are opt-in until they are.
 DEFAULT_PARTS = ("attention", "linear", "norm")
 DEBUG_KERNELS = ("attention", "linear", "layer_norm", "rms_norm")
 DEBUG_EPILOG = """\

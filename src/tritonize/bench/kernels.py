@@ -335,6 +335,48 @@ def bench_norms(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
     return rows
 
 
+# -- embeddings + LayerNorm -----------------------------------------------------------------------
+
+
+def embedding_norm_cases(quick: bool) -> Iterator[tuple[int, int]]:
+    """(batch, seq) of bert-base inputs (hidden 768: 30522 words, 2 token types, 512 positions)."""
+    yield from ((1, 16), (32, 512)) if quick else ((1, 16), (1, 128), (8, 128), (32, 128), (32, 512))
+
+
+def bench_embedding_norm(ceilings: dict[str, float], quick: bool = False) -> list[Row]:
+    """BERT's embedding block: three lookups summed and layer-normalized, in one kernel against PyTorch's
+    (three index_selects, two adds, layer_norm); GB/s over the gathered rows read and the output written."""
+    hidden, dtype = 768, torch.float16
+    tables = [torch.randn(vocab, hidden, device="cuda", dtype=dtype) for vocab in (30522, 2, 512)]
+    w, b = torch.randn(hidden, device="cuda", dtype=dtype), torch.randn(hidden, device="cuda", dtype=dtype)
+    return [row for batch, seq in embedding_norm_cases(quick)
+            for row in _embedding_norm_rows(batch, seq, tables, w, b, ceilings)]
+
+
+def _embedding_norm_rows(batch, seq, tables, w, b, ceilings) -> list[Row]:
+    hidden = tables[0].shape[1]
+    moved = 4 * batch * seq * hidden * tables[0].element_size()
+    copies = copies_beyond_l2(moved)
+    words = [torch.randint(0, tables[0].shape[0], (batch, seq), device="cuda") for _ in range(copies)]
+    types, positions = torch.randint(0, 2, (batch, seq), device="cuda"), torch.arange(seq, device="cuda")[None]
+
+    def ours(i):
+        return ops.embedding_layer_norm([words[i], types, positions], tables, w, b, 1e-12)
+
+    def theirs(i):
+        total = F.embedding(words[i], tables[0]) + F.embedding(types, tables[1])
+        return F.layer_norm(total + F.embedding(positions, tables[2]), (hidden,), w, b, 1e-12)
+
+    error = relative_error(ours(0), reference.embedding_layer_norm([words[0], types, positions], tables, w, b, 1e-12))
+    rows = []
+    for engine, fn, err in (("tritonize", ours, error), ("torch", theirs, None)):
+        ms = graph_median_ms(fn, copies=copies)
+        gbps = moved / ms / 1e6
+        rows.append(Row("embedding+norm", f"bert-base b{batch} s{seq}", engine, "float16", ms, gbps, "GB/s",
+                        gbps / ceilings["copy_gb_per_s"], err))
+    return rows
+
+
 # -- decode attention -----------------------------------------------------------------------------
 
 
@@ -478,7 +520,7 @@ def run(parts: tuple[str, ...], quick: bool, sweep: bool, progress: Callable[[st
     ceilings = measure_ceilings()
     progress(f"ceilings: {ceilings}")
     benches = {"attention": bench_attention, "linear": bench_linear, "norm": bench_norms,
-               "decode-attention": bench_decode_attention,
+               "embedding-norm": bench_embedding_norm, "decode-attention": bench_decode_attention,
                "gated-mlp": bench_gated_mlp, "rotary": bench_rotary}
     sweeps = {"attention": sweep_attention, "linear": sweep_linear}
     rows: list[Row] = []
