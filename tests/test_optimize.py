@@ -52,6 +52,8 @@ def test_encoders_match_eager_with_padding(family, device):
     # per layer: q, k and v merged into one linear (linear_merge), then 4 linears and 2 layer norms
     assert found.replaced["attention"] == 2 and found.replaced["linear"] >= 8 and found.replaced["layer_norm"] >= 4
     assert found.replaced["linear_merge"] == 2
+    # the embeddings (compiled as a region of their own): lookups, adds and LayerNorm as one op in every family
+    assert found.replaced["embedding_layer_norm"] == 1
     assert not found.fallbacks, found.fallbacks
     assert "| linear |" in str(found)
 
