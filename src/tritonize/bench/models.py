@@ -127,12 +127,13 @@ def first_call_in_new_process(model_name: str, warm_runs: int = 3) -> tuple[floa
 
 def many_lengths(model_name: str, calls: int = 50, seed: int = 0) -> dict:
     """A fresh optimized fp16 model called at batch 1 with `calls` random lengths in 1..512: CUDA-graph
-    captures, TorchDynamo compiles and the slowest first call of a new bucket after the first one."""
+    captures, TorchDynamo compiles in all and after the first call (one per compiled region: equal when no
+    later length recompiled), and the slowest first call of a new bucket after the first one."""
     model, make_inputs = build_model(model_name, "sdpa")
     model = optimize_model(model.to("cuda", torch.float16))
     runner = model._tritonize_runner
     lengths = torch.randint(1, 513, (calls,), generator=torch.Generator().manual_seed(seed)).tolist()
-    new_bucket_seconds = []
+    new_bucket_seconds, compiles_after_first = [], None
     with torch.inference_mode():
         for length in lengths:
             inputs = {k: v.cuda() for k, v in make_inputs(1, length).items()}
@@ -143,7 +144,10 @@ def many_lengths(model_name: str, calls: int = 50, seed: int = 0) -> dict:
             torch.cuda.synchronize()
             if runner.captures > captures:
                 new_bucket_seconds.append(time.perf_counter() - start)
+            if compiles_after_first is None:
+                compiles_after_first = model._tritonize_report.compiles
     return {"calls": calls, "captures": runner.captures, "compiles": model._tritonize_report.compiles,
+            "compiles_after_first_call": compiles_after_first,
             "first_bucket_s": new_bucket_seconds[0], "slowest_later_bucket_s": max(new_bucket_seconds[1:], default=0.0)}
 
 
