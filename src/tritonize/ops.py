@@ -493,8 +493,8 @@ def _embedding_layer_norm_op(
     eps: float,
 ) -> torch.Tensor:
     if _runs_triton(tables[0]):
-        return embedding_layer_norm_fwd(list(ids), list(tables), norm_weight, norm_bias, eps)
-    return reference.embedding_layer_norm(list(ids), list(tables), norm_weight, norm_bias, eps)
+        return embedding_layer_norm_fwd(ids, tables, norm_weight, norm_bias, eps)
+    return reference.embedding_layer_norm(ids, tables, norm_weight, norm_bias, eps)
 
 
 @_embedding_layer_norm_op.register_fake

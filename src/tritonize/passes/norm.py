@@ -74,6 +74,17 @@ def _replace_norm(end: fx.Node, x: fx.Node, norm, *args, **kwargs) -> None:
     replace(end, norm, x, *args, **kwargs)
 
 
+def _layer_norm_operands(node: fx.Node) -> tuple[torch.Tensor, object, object, object]:
+    """(x's fake tensor, weight, bias, eps) of an F.layer_norm call, after checking the norm kernels take it
+    and it normalizes the last dim alone."""
+    x, shape = arg(node, 0, "input"), arg(node, 1, "normalized_shape")
+    weight, bias, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
+    x_value = _check_norm(x, eps, weight=weight, bias=bias)
+    last_dim_only = isinstance(shape, (list, tuple)) and list(shape) == [x_value.shape[-1]]
+    check(last_dim_only, f"normalized_shape {shape} is not the last dim alone")
+    return x_value, weight, bias, eps
+
+
 def _embedding_lookups(x: object) -> list[tuple[fx.Node, fx.Node]] | None:
     """[(ids, table), ...] in summation order when x = F.embedding(ids0, t0) + F.embedding(ids1, t1) (+ ...),
     each lookup and partial sum read only by the next add and no lookup renormalizing its table (max_norm);
@@ -98,11 +109,7 @@ def embedding_layer_norm(node: fx.Node) -> bool:
     lookups = _embedding_lookups(arg(node, 0, "input"))
     if lookups is None or len(lookups) < 2:
         return False
-    shape, weight, bias = arg(node, 1, "normalized_shape"), arg(node, 2, "weight"), arg(node, 3, "bias")
-    eps = arg(node, 4, "eps", 1e-5)
-    x_value = _check_norm(node.args[0], eps, weight=weight, bias=bias)
-    check(isinstance(shape, (list, tuple)) and list(shape) == [x_value.shape[-1]],
-          f"normalized_shape {shape} is not the last dim alone")
+    x_value, weight, bias, eps = _layer_norm_operands(node)
     check(len(lookups) <= 3, f"{len(lookups)} embeddings are summed; the kernel takes 2 or 3")
     for i, (ids, table) in enumerate(lookups):
         ids_value, table_value = fake(ids), check_tensor(f"tables[{i}]", table)
@@ -121,12 +128,8 @@ def layer_norm(node: fx.Node) -> bool:
     """F.layer_norm over the last dim -> ops.layer_norm (residual fused when its input is a sum)."""
     if not is_call(node, F.layer_norm):
         return False
-    x, shape = arg(node, 0, "input"), arg(node, 1, "normalized_shape")
-    weight, bias, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
-    x_value = _check_norm(x, eps, weight=weight, bias=bias)
-    last_dim_only = isinstance(shape, (list, tuple)) and list(shape) == [x_value.shape[-1]]
-    check(last_dim_only, f"normalized_shape {shape} is not the last dim alone")
-    _replace_norm(node, x, ops.layer_norm, weight, bias, eps)
+    _, weight, bias, eps = _layer_norm_operands(node)
+    _replace_norm(node, arg(node, 0, "input"), ops.layer_norm, weight, bias, eps)
     return True
 
 
