@@ -48,6 +48,23 @@ def test_pad_and_slice_round_trip():
     assert copied.last_hidden_state.data_ptr() != sliced.last_hidden_state.data_ptr()
 
 
+def test_clone_outputs_copies_every_tensor_of_a_nested_output():
+    hidden, pooled, extra = torch.randn(2, 5, 8), torch.randn(2, 8, dtype=torch.float64), torch.arange(6)[::2]
+    out = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled,
+                                     hidden_states=(hidden[:, :3], [extra, "not a tensor"]))
+    copied = clone_outputs(out)
+    assert isinstance(copied, BaseModelOutputWithPooling) and isinstance(copied.hidden_states[1], list)
+    assert copied.hidden_states[1][1] == "not a tensor"
+    pairs = [(copied.last_hidden_state, hidden), (copied.pooler_output, pooled),
+             (copied.hidden_states[0], hidden[:, :3]), (copied.hidden_states[1][0], extra)]
+    for copy, original in pairs:
+        assert copy.dtype == original.dtype and torch.equal(copy, original)
+    before = [copy.clone() for copy, _ in pairs]
+    for _, original in pairs:
+        original.fill_(7)  # the caller's copies must not change when the graph's buffers do
+    assert all(torch.equal(copy, kept) for (copy, _), kept in zip(pairs, before, strict=True))
+
+
 class MaskedMean(torch.nn.Module):
     """A tiny model with an attention mask: mean of the embedded real tokens, per token output too."""
 

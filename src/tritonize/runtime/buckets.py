@@ -90,12 +90,39 @@ def slice_outputs(out, real: tuple[int, int], padded: tuple[int, int], name: str
     return out
 
 
+def _tensor_leaves(out, leaves: list[torch.Tensor]) -> None:
+    if isinstance(out, torch.Tensor):
+        leaves.append(out)
+    elif isinstance(out, dict):
+        for value in out.values():
+            _tensor_leaves(value, leaves)
+    elif isinstance(out, (tuple, list)):
+        for value in out:
+            _tensor_leaves(value, leaves)
+
+
+def _replace_leaves(out, replacements):
+    """out with its tensors, in _tensor_leaves order, taken from the iterator `replacements`."""
+    if isinstance(out, torch.Tensor):
+        return next(replacements)
+    if isinstance(out, dict):  # ModelOutput is an OrderedDict subclass that takes keyword arguments
+        return type(out)(**{key: _replace_leaves(value, replacements) for key, value in out.items()})
+    if isinstance(out, (tuple, list)):
+        return type(out)(_replace_leaves(value, replacements) for value in out)
+    return out
+
+
+def copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """destinations[i].copy_(sources[i]) for every i, batched: on CUDA, tensors of one dtype and layout
+    copy in one launch (torch._foreach_copy_) instead of one each, which shows on millisecond calls."""
+    if destinations:
+        torch._foreach_copy_(destinations, sources)
+
+
 def clone_outputs(out):
     """Copies every tensor of a (nested) output, so a later replay cannot overwrite what the caller holds."""
-    if isinstance(out, torch.Tensor):
-        return out.clone()
-    if isinstance(out, dict):
-        return type(out)(**{key: clone_outputs(value) for key, value in out.items()})
-    if isinstance(out, (tuple, list)):
-        return type(out)(clone_outputs(value) for value in out)
-    return out
+    sources: list[torch.Tensor] = []
+    _tensor_leaves(out, sources)
+    copies = [torch.empty_like(t) for t in sources]
+    copy_into(copies, sources)
+    return _replace_leaves(out, iter(copies))

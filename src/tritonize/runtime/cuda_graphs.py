@@ -22,7 +22,7 @@ import torch
 
 from tritonize import tuning
 from tritonize.kernels.compile import compile_in_parallel
-from tritonize.runtime.buckets import ShapeBuckets, clone_outputs, pad_to, slice_outputs
+from tritonize.runtime.buckets import ShapeBuckets, clone_outputs, copy_into, pad_to, slice_outputs
 
 logger = logging.getLogger("tritonize")
 
@@ -175,7 +175,6 @@ class BucketedRunner:
     def _run(self, entry: _Bucket, inputs: dict[str, torch.Tensor], static_args: dict):
         if entry.graph is None:
             return self.compiled(**inputs, **static_args)
-        for name, t in inputs.items():
-            entry.inputs[name].copy_(t)
+        copy_into([entry.inputs[name] for name in inputs], list(inputs.values()))
         entry.graph.replay()
         return entry.outputs
