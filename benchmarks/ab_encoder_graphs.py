@@ -15,6 +15,9 @@ Experiments:
   four others: `ab-layer-norm-bert-base-*.json`);
 - embeddings: BERT's embeddings and pooler compiled by optimize_model (one embedding + LayerNorm kernel, the
   pooler's linear + tanh as one GEMV) or left as PyTorch ops inside the CUDA graph;
+- norm-by-last-tile: `linear_layer_norm` without a K split (bert-base's output projection at 16 to 128
+  tokens) normalizing in the product's kernel, by the last program of each row block, or in a norm kernel
+  after it;
 - weight-prefetch: the tiled linear kernel prefetching its weight slice into L2 before its PDL wait, or not,
   and the shipped gate (`linear.PREFETCH_WEIGHT_MAX_M`). The 2026-12-07 H100 run
   (`ab-prefetch-prologue-bert-base-*.json`) was this experiment crossed with a LayerNorm computed in the next
@@ -43,16 +46,20 @@ SHIPPED_COMPILE_OTHER_CHILDREN = optimize._compile_other_children
 
 
 def switches(attention_pdl=True, norm_pdl_rows=norm.PDL_MAX_ROWS, norm_in_reduce=True,
-             prefetch_weight_rows=linear.PREFETCH_WEIGHT_MAX_M, compile_other_children=True) -> dict:
+             prefetch_weight_rows=linear.PREFETCH_WEIGHT_MAX_M, compile_other_children=True,
+             norm_by_last_tile_rows=linear.NORM_BY_LAST_TILE_MAX_M) -> dict:
     """(module, attribute) -> value for one variant; the defaults are what tritonize ships. norm_pdl_rows: the
     norm kernels launch with PDL on at most this many rows; prefetch_weight_rows: the tiled linear kernel
     prefetches its weight into L2 before its PDL wait on at most this many rows; compile_other_children:
-    optimize_model compiles BERT's embeddings and pooler too (else they run as PyTorch ops)."""
+    optimize_model compiles BERT's embeddings and pooler too (else they run as PyTorch ops);
+    norm_by_last_tile_rows: linear_layer_norm without a K split normalizes in the product's last program per
+    row block on at most this many rows (else a norm kernel follows)."""
     return {
         (attention, "pdl_supported"): lambda device: attention_pdl,
         (norm, "PDL_MAX_ROWS"): norm_pdl_rows,
         (linear, "MAX_FUSED_NORM_COLS"): linear.MAX_FUSED_NORM_COLS if norm_in_reduce else 0,
         (linear, "PREFETCH_WEIGHT_MAX_M"): prefetch_weight_rows,
+        (linear, "NORM_BY_LAST_TILE_MAX_M"): norm_by_last_tile_rows,
         (optimize, "_compile_other_children"): (SHIPPED_COMPILE_OTHER_CHILDREN if compile_other_children
                                                 else lambda target, backend: []),
     }
@@ -79,11 +86,17 @@ EXPERIMENTS = {
         "weight prefetch": switches(prefetch_weight_rows=1 << 40),
         "weight prefetch up to 128 rows": switches(),
     },
+    "norm-by-last-tile": {
+        "norm kernel after the product": switches(norm_by_last_tile_rows=0),
+        "norm by last tile up to 16 rows": switches(norm_by_last_tile_rows=16),
+        "norm by last tile up to 128 rows": switches(norm_by_last_tile_rows=128),
+    },
 }
 SHAPES = {"attention-pdl": [(1, 16), (1, 128), (8, 128), (32, 128)],
           "layer-norm": [(1, 16), (1, 128), (1, 512), (8, 128), (32, 128)],
           "weight-prefetch": [(1, 16), (1, 128), (1, 512), (8, 128)],
-          "embeddings": [(1, 16), (1, 128), (8, 128)]}
+          "embeddings": [(1, 16), (1, 128), (8, 128)],
+          "norm-by-last-tile": [(1, 16), (1, 128)]}
 
 
 def main(experiment: str, out_dir: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -181,10 +182,11 @@ def test_layer_norm_reduce_compiles_for_sm90_and_waits_first():
 
 
 def _linear_kernel_ptx(**changes) -> str:
-    types = {name: "*fp16" for name in ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr")}
-    types.update(Partial_ptr="*fp32")
+    types = {name: "*fp16" for name in ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr", "NW_ptr", "NB_ptr")}
+    types.update(Partial_ptr="*fp32", Count_ptr="*i32", eps="fp32")
     constexprs = dict(HAS_BIAS=True, ACTIVATION="gelu", HAS_RESIDUAL=False, SPLIT_K=1, INPUT_PRECISION="tf32",
-                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=True, PDL=True, PREFETCH_WEIGHT=True)
+                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=True, PDL=True, PREFETCH_WEIGHT=True,
+                      LAYER_NORM=False, HAS_NORM_WEIGHT=True, HAS_NORM_BIAS=True, NORM_BLOCK=1024, NORM_ROWS=4)
     return sm90_ptx("tritonize.kernels.linear", "_linear_kernel", types, {**constexprs, **changes})
 
 
@@ -235,14 +237,80 @@ def test_linear_layer_norm_without_a_split_runs_the_norm_kernel(config, device, 
     assert_close(y, _layer_norm_reference(x, weight, b, r, norm_weight, norm_bias, 1e-5), torch.float32)
 
 
-def test_layer_norm_needs_a_split_reduce(device):
+def test_layer_norm_needs_a_split_reduce_or_tile_counters(device):
     x, weight, b, r = _inputs(4, 40, 32, torch.float32, device)
     norm = (None, None, 1e-5)
-    with pytest.raises(ValueError, match="only in a split-K reduce"):
+    with pytest.raises(ValueError, match="without a K split, given tile_counters"):
         linear_fwd(x, weight, b, None, r, config=LinearConfig(16, 32, 16), layer_norm=norm)
     wide = _inputs(4, linear_module.MAX_FUSED_NORM_COLS + 1, 16, torch.float32, device)
     with pytest.raises(ValueError, match="at most 8192 columns"):
         linear_fwd(*wide[:3], None, wide[3], config=LinearConfig(16, 32, 16, split_k=2), layer_norm=norm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N, K", [(1, 40, 100), (7, 257, 64), (16, 768, 48), (37, 70, 33)])
+@pytest.mark.parametrize("affine", ["weight_bias", "none"])
+def test_layer_norm_by_the_last_tile(M, N, K, affine, dtype, device, launches):
+    """Without a K split, the last program of each row block normalizes its rows: against fp64, into a
+    NaN-poisoned output, one launch, several row and column blocks, counters left at zero for the next launch
+    (run twice on the same counters); in fp32 bit-equal to the product then the norm kernel."""
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    x = x + 3.0  # a large common offset in each row: the two-pass variance must not lose it
+    norm_weight, norm_bias = (torch.randn(N, device=device).to(dtype) for _ in range(2))
+    if affine == "none":
+        norm_weight = norm_bias = None
+    config = LinearConfig(16, 32, 16, group_m=1)
+    counters = torch.zeros(-(-M // 16), dtype=torch.int32, device=device)
+    expected = _layer_norm_reference(x, weight, b, r, norm_weight, norm_bias, 1e-5)
+    for _ in range(2):
+        out = poisoned((M, N), dtype, device)
+        y = linear_fwd(x, weight, b, None, r, out=out, config=config, layer_norm=(norm_weight, norm_bias, 1e-5),
+                       tile_counters=counters)
+        assert y is out and counters.eq(0).all()
+        assert_close(y, expected, dtype)
+    assert [name for name, _ in launches] == ["_linear_kernel"] * 2
+    if dtype == torch.float32:
+        unfused = layer_norm_fwd(linear_fwd(x, weight, b, None, r, config=config), norm_weight, norm_bias, 1e-5)[0]
+        assert torch.equal(y, unfused)
+
+
+@pytest.mark.parametrize("M", [16, 17])
+def test_linear_layer_norm_normalizes_by_last_tile_up_to_its_row_limit(M, device, monkeypatch):
+    """linear_layer_norm_fwd without a K split: one launch up to NORM_BY_LAST_TILE_MAX_M rows, the norm
+    kernel after the product above it."""
+    x, weight, b, r = _inputs(M, 40, 32, torch.float32, device)
+    norms = []
+    monkeypatch.setattr(linear_module, "layer_norm_fwd", lambda *a, **k: norms.append(1) or layer_norm_fwd(*a, **k))
+    monkeypatch.setattr(linear_module, "NORM_BY_LAST_TILE_MAX_M", 16)
+    y = linear_layer_norm_fwd(x, weight, b, r, None, None, 1e-5, config=LinearConfig(16, 32, 16))
+    assert norms == ([] if M <= 16 else [1])
+    assert_close(y, _layer_norm_reference(x, weight, b, r, None, None, 1e-5), torch.float32)
+
+
+def test_tile_counters_in_a_capture_come_from_the_arena_once(monkeypatch):
+    """Eager launches get fresh zeros (and create the device's arena); captured launches get disjoint slices
+    of the arena, and None once it is full or where no eager launch created it."""
+    device = torch.device("cpu")
+    monkeypatch.setattr(linear_module, "_counter_arenas", {})
+    monkeypatch.setattr(linear_module, "TILE_COUNTER_ARENA", 8)
+    monkeypatch.setattr(linear_module, "_capturing", lambda device: True)
+    assert linear_module.tile_counters(device, 2) is None  # no arena yet
+    monkeypatch.setattr(linear_module, "_capturing", lambda device: False)
+    eager = linear_module.tile_counters(device, 3)
+    assert eager.shape == (3,) and eager.eq(0).all()
+    monkeypatch.setattr(linear_module, "_capturing", lambda device: True)
+    first, second = linear_module.tile_counters(device, 5), linear_module.tile_counters(device, 3)
+    assert first.eq(0).all() and second.eq(0).all() and first.shape == (5,) and second.shape == (3,)
+    assert second.data_ptr() == first.data_ptr() + 5 * 4  # disjoint, in order
+    assert linear_module.tile_counters(device, 1) is None  # full
+
+
+def test_layer_norm_by_last_tile_compiles_for_sm90():
+    """The last-tile norm compiles for sm_90 (bert-base's 16-row output projection: N = 768 in 1024-wide rows),
+    waits first, counts arrivals with a GPU-scope acq_rel atomic and reads the other tiles from L2."""
+    ptx = _linear_kernel_ptx(LAYER_NORM=True, ACTIVATION="none", HAS_RESIDUAL=True, PREFETCH_WEIGHT=False)
+    assert_pdl_waits_first(ptx)
+    assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx
 
 
 # -- persistent TMA kernel (M > 16) ---------------------------------------------------------------
