@@ -270,10 +270,11 @@ def test_attention_with_key_padding_mask_runs_clean():
 @pytest.mark.parametrize(
     "M, config, launches",
     [
-        (5, LinearConfig(16, 64, 64, group_m=1, split_k=4), ["_linear_kernel", "_split_k_reduce_kernel"]),
+        (20, LinearConfig(16, 64, 64, group_m=1, split_k=4), ["_linear_kernel", "_split_k_reduce_kernel"]),
+        (5, LinearConfig(16, 64, 64, group_m=1, split_k=4), ["_linear_kernel"]),  # reduced in the last split
         (40, LinearConfig(64, 64, 32, persistent=True), ["_linear_persistent_kernel"]),
     ],
-    ids=["split_k", "persistent_tensor_descriptors"],
+    ids=["split_k", "split_k_reduced_in_launch", "persistent_tensor_descriptors"],
 )
 def test_linear_runs_clean(M, config, launches):
     x, weight = torch.randn(M, 200), torch.randn(72, 200) * 0.07
