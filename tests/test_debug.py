@@ -23,6 +23,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from tritonize import cli
 from tritonize.debug import OutOfBoundsError, bounds_checked, check_kernel, compile_for_gpu
 from tritonize.debug.check import SHAPES
+from tritonize.kernels import linear as linear_module
 from tritonize.kernels import reference
 from tritonize.kernels.attention import flash_attention_fwd
 from tritonize.kernels.linear import LinearConfig, linear_fwd
@@ -276,7 +277,8 @@ def test_attention_with_key_padding_mask_runs_clean():
     ],
     ids=["split_k", "split_k_reduced_in_launch", "persistent_tensor_descriptors"],
 )
-def test_linear_runs_clean(M, config, launches):
+def test_linear_runs_clean(M, config, launches, monkeypatch):
+    monkeypatch.setattr(linear_module, "REDUCE_IN_LAST_SPLIT_MAX_M", 16)
     x, weight = torch.randn(M, 200), torch.randn(72, 200) * 0.07
     bias, residual = torch.randn(72), torch.randn(M, 72)
     with bounds_checked() as record:

@@ -48,8 +48,11 @@ PREFETCH_WEIGHT_MAX_M = 128
 # with a K split, on at most REDUCE_IN_LAST_SPLIT_MAX_M rows, the last split of each tile to finish sums
 # the partials (instead of the reduce kernel); a layer norm (linear_layer_norm_fwd), on at most
 # NORM_BY_LAST_TILE_MAX_M rows without a split, is done by the last program of each row block.
-REDUCE_IN_LAST_SPLIT_MAX_M = 16
-NORM_BY_LAST_TILE_MAX_M = 16
+# Both are off (0) until a GPU has run them: the interpreter runs programs one after another, so it never
+# tests the ordering between programs (release-acquire arrival counts) that they rely on. What decides
+# their limits: the `gpu` tests of tests/test_linear.py and `benchmarks/ab_encoder_graphs.py finish-in-launch`.
+REDUCE_IN_LAST_SPLIT_MAX_M = 0
+NORM_BY_LAST_TILE_MAX_M = 0
 NORM_ELEMENTS_PER_STEP = 4096  # the last program normalizes rows in chunks of about this many elements
 # Every launch normalizing by last tile needs int32 counters that start at zero (the kernel leaves them
 # zero). Eager launches take fresh zeros; a launch captured into a CUDA graph takes a slice of a per-device
