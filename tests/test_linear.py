@@ -163,6 +163,16 @@ def _layer_norm_reference(x, weight, bias, residual, norm_weight, norm_bias, eps
     return reference.layer_norm(h, *(None if p is None else p.double() for p in (norm_weight, norm_bias)), eps)[0]
 
 
+def _layer_norm_inputs(M, N, K, affine, dtype, device):
+    """The product's operands with a large common offset in each row (the two-pass variance must not lose it)
+    and the norm's weight and bias (None for affine="none")."""
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    norm_weight, norm_bias = (torch.randn(N, device=device).to(dtype) for _ in range(2))
+    if affine == "none":
+        norm_weight = norm_bias = None
+    return x + 3.0, weight, b, r, norm_weight, norm_bias
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M, N, K, split_k", [(1, 40, 100, 2), (7, 257, 64, 3), (16, 1000, 48, 2), (33, 24, 200, 4)])
 @pytest.mark.parametrize("affine", ["weight_bias", "none"])
@@ -170,11 +180,7 @@ def test_layer_norm_in_the_split_k_reduce(M, N, K, split_k, affine, dtype, reduc
     """The reduce of the partial sums (the reduce kernel, or the last split of each tile) also normalizes
     whole rows: against fp64, into a NaN-poisoned output, with no norm kernel launched; in fp32 bit-equal to
     the product then the norm kernel."""
-    x, weight, b, r = _inputs(M, N, K, dtype, device)
-    x = x + 3.0  # a large common offset in each row: the two-pass variance must not lose it
-    norm_weight, norm_bias = (torch.randn(N, device=device).to(dtype) for _ in range(2))
-    if affine == "none":
-        norm_weight = norm_bias = None
+    x, weight, b, r, norm_weight, norm_bias = _layer_norm_inputs(M, N, K, affine, dtype, device)
     config = LinearConfig(16, 32, 16, group_m=1, split_k=split_k)
     out = poisoned((M, N), dtype, device)
     y = linear_fwd(x, weight, b, None, r, out=out, config=config, layer_norm=(norm_weight, norm_bias, 1e-5))
@@ -273,11 +279,7 @@ def test_layer_norm_by_the_last_tile(M, N, K, split_k, affine, dtype, device, la
     would); in fp32 bit-equal to the product then the norm kernel."""
     monkeypatch.setattr(linear_module, "REDUCE_IN_LAST_SPLIT_MAX_M", 64)
     monkeypatch.setattr(linear_module, "NORM_BY_LAST_TILE_MAX_M", 64)
-    x, weight, b, r = _inputs(M, N, K, dtype, device)
-    x = x + 3.0  # a large common offset in each row: the two-pass variance must not lose it
-    norm_weight, norm_bias = (torch.randn(N, device=device).to(dtype) for _ in range(2))
-    if affine == "none":
-        norm_weight = norm_bias = None
+    x, weight, b, r, norm_weight, norm_bias = _layer_norm_inputs(M, N, K, affine, dtype, device)
     config = LinearConfig(16, 32, 16, group_m=1, split_k=split_k)
     counters = torch.zeros(1024, dtype=torch.int32, device=device)
     monkeypatch.setattr(linear_module, "tile_counters", lambda device, count: counters[:count])
