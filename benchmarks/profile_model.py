@@ -2,8 +2,13 @@
 the runner's host overhead (a full optimized call vs the bare CUDA-graph replay of its bucket).
 
 Usage (on the GPU machine): PYTHONPATH=src python benchmarks/profile_model.py [--model bert-base]
-    [--shapes 1x16 1x128 32x512] [--out DIR]
+    [--shapes 1x16 1x128 32x512] [--out DIR] [--no-pdl]
 Prints one table per (shape, engine) and writes profile-<model>.json to --out.
+
+Under programmatic dependent launch (sm_90 and newer) a kernel starts before the previous one ends and waits
+for it inside, so the profiler's duration of each tritonize kernel includes that wait: the per-kernel table
+then no longer says where the time goes. --no-pdl launches every kernel without PDL (the totals grow by the
+launch gaps PDL hides, but each kernel's time is its own).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from triton.testing import do_bench
 
 import tritonize
 from tritonize.bench.models import build_model
+from tritonize.kernels import attention, decode_attention, gemv, linear, norm, rotary
 
 STEPS = 20
 
@@ -44,12 +50,22 @@ def kernel_times(fn, steps: int = STEPS, device: torch.device | None = None) -> 
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
+def launch_without_pdl() -> None:
+    """Every tritonize kernel launched from now on runs without programmatic dependent launch."""
+    for module in (attention, decode_attention, gemv, linear, norm, rotary):
+        module.pdl_supported = lambda device: False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bert-base")
     parser.add_argument("--shapes", nargs="+", default=["1x16", "1x128", "8x512", "32x512"])
     parser.add_argument("--out", default=".")
+    parser.add_argument("--no-pdl", action="store_true", help="launch tritonize's kernels without PDL, so each "
+                        "kernel's time excludes its wait for the previous one")
     args = parser.parse_args()
+    if args.no_pdl:
+        launch_without_pdl()
     model, make_inputs = build_model(args.model, "sdpa")
     model = model.to("cuda", torch.float16)
     engines = {
@@ -79,7 +95,7 @@ def main() -> None:
             results[f"{shape} tritonize"] = {"call_ms": call_ms, "replay_ms": replay_ms}
             print(f"\n== {shape} tritonize: full call {call_ms:.3f} ms, bare graph replay {replay_ms:.3f} ms")
     print(tritonize.report(engines["tritonize"]))
-    out = Path(args.out) / f"profile-{args.model}.json"
+    out = Path(args.out) / f"profile-{args.model}{'-no-pdl' if args.no_pdl else ''}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
 
