@@ -25,7 +25,7 @@ from triton.testing import do_bench
 
 import tritonize
 from tritonize.bench.models import build_model
-from tritonize.kernels import attention, decode_attention, gemv, linear, norm, rotary
+from tritonize.kernels import common
 
 STEPS = 20
 
@@ -50,12 +50,6 @@ def kernel_times(fn, steps: int = STEPS, device: torch.device | None = None) -> 
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-def launch_without_pdl() -> None:
-    """Every tritonize kernel launched from now on runs without programmatic dependent launch."""
-    for module in (attention, decode_attention, gemv, linear, norm, rotary):
-        module.pdl_supported = lambda device: False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bert-base")
@@ -64,8 +58,7 @@ def main() -> None:
     parser.add_argument("--no-pdl", action="store_true", help="launch tritonize's kernels without PDL, so each "
                         "kernel's time excludes its wait for the previous one")
     args = parser.parse_args()
-    if args.no_pdl:
-        launch_without_pdl()
+    common.PDL_ENABLED = not args.no_pdl
     model, make_inputs = build_model(args.model, "sdpa")
     model = model.to("cuda", torch.float16)
     engines = {

@@ -1,19 +1,18 @@
-"""The model benchmark's new-process measurement (no GPU needed: the subprocess is replaced) and the profile
-script's switches."""
+"""The model benchmark's new-process measurement (no GPU needed: the subprocess is replaced) and the switch that
+profiling without PDL uses."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import tritonize.kernels
 from tritonize.bench import models
+from tritonize.kernels import common
 
 
 @pytest.mark.parametrize("at_start", [None, "/tmp/triton-cache-at-start"])
@@ -34,18 +33,15 @@ def test_new_processes_get_tritons_cache_folder_as_it_was_at_start(monkeypatch, 
     assert seen == [at_start] * 4
 
 
-def test_profile_script_turns_pdl_off_in_every_kernel_module(monkeypatch):
-    """benchmarks/profile_model.py --no-pdl: every kernels module that decides PDL per launch says no."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    try:
-        import profile_model
-    finally:
-        sys.path.pop(0)
+def test_pdl_switch_reaches_every_kernel_module(monkeypatch):
+    """common.PDL_ENABLED (benchmarks/profile_model.py --no-pdl) turns PDL off for every launch: each kernels
+    module that decides PDL asks common.pdl_supported, which says yes on an sm_90 GPU only while it is on."""
     modules = [importlib.import_module(f"tritonize.kernels.{info.name}")
                for info in pkgutil.iter_modules(tritonize.kernels.__path__) if info.name != "common"]
     deciding = [module for module in modules if hasattr(module, "pdl_supported")]
     assert len(deciding) >= 6
-    for module in deciding:  # restored after the test
-        monkeypatch.setattr(module, "pdl_supported", lambda device: True)
-    profile_model.launch_without_pdl()
-    assert [module.__name__ for module in deciding if module.pdl_supported(torch.device("cuda"))] == []
+    assert [module.__name__ for module in deciding if module.pdl_supported is not common.pdl_supported] == []
+    monkeypatch.setattr(common, "_pdl_capable", lambda device: device.type == "cuda")  # as on an H100
+    assert common.pdl_supported(torch.device("cuda"))
+    monkeypatch.setattr(common, "PDL_ENABLED", False)
+    assert not common.pdl_supported(torch.device("cuda"))

@@ -60,10 +60,17 @@ def dot_precision(dtype: torch.dtype) -> str:
 # previous kernel does not write (weights) and must call `wait_previous_allow_next` before touching
 # anything else. Kernels take a `PDL: tl.constexpr` flag, `pdl_supported(device)`, since the instructions
 # exist from sm_90 on. What a kernel reads before waiting must not be written by the kernels before it: weights.
+# PDL_ENABLED = False launches every kernel after it without PDL (benchmarks/profile_model.py --no-pdl: under
+# PDL a profiled kernel's duration includes its wait for the one before it).
+PDL_ENABLED = True
+
+
+def pdl_supported(device: torch.device) -> bool:
+    return PDL_ENABLED and _pdl_capable(device)
 
 
 @functools.cache
-def pdl_supported(device: torch.device) -> bool:
+def _pdl_capable(device: torch.device) -> bool:
     return (not INTERPRETED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
