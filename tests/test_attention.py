@@ -71,6 +71,18 @@ def test_key_padding_mask_with_empty_rows(dtype, causal, device):
     assert (out[1] == 0).all()
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_key_padding_mask_attends_where_nonzero(mask_dtype, device):
+    """An integer mask (HF's attention_mask as the user passes it) attends where it is nonzero, any value."""
+    q, k, v = make_qkv(2, 2, 1, 9, 41, 32, torch.float32, device)
+    mask = torch.randint(0, 3, (2, 41), device=device).to(mask_dtype)  # 0, 1 and 2
+    mask[1, 30:] = 0
+    out = tritonize.ops.attention(q, k, v, scale=0.3, key_padding_mask=mask)
+    assert_close(out, gold(q, k, v, 0.3, key_padding_mask=mask != 0), torch.float32)
+    out = run_kernel(q, k, v, 0.3, key_padding_mask=mask, config=SMALL_BLOCKS)
+    assert_close(out, gold(q, k, v, 0.3, key_padding_mask=mask != 0), torch.float32)
+
+
 @pytest.mark.parametrize(
     "bias_shape",
     [(2, 3, 33, 65), (1, 3, 33, 65), (2, 1, 1, 65), (33, 65)],  # full, T5 position bias, ALiBi-like, 2-D
@@ -158,7 +170,7 @@ def test_zero_length_keys_give_zeros(device):
         (lambda a: {**a, "k": a["k"][:, :, :, :8], "v": a["v"][:, :, :, :8]}, ValueError, "head_dim must match"),
         (lambda a: {**a, "q": torch.randn(2, 3, 6, 16)}, ValueError, "must divide heads"),
         (lambda a: {**a, "v": a["v"][:, :, :5]}, ValueError, "same shape"),
-        (lambda a: {**a, "key_padding_mask": torch.ones(2, 9)}, TypeError, "key_padding_mask must be a bool"),
+        (lambda a: {**a, "key_padding_mask": torch.ones(2, 9)}, TypeError, "key_padding_mask must be bool or integer"),
         (lambda a: {**a, "key_padding_mask": torch.ones(2, 9, dtype=torch.bool)}, ValueError, "key_padding_mask"),
         (lambda a: {**a, "bias": torch.zeros(3, 1, 1, 1)}, ValueError, "bias of shape"),
         (lambda a: {**a, "scale": float("nan")}, ValueError, "scale"),

@@ -162,10 +162,34 @@ def test_embedding_layer_norm_marks_an_id_outside_its_table(device):
     assert_close(y[~bad], expected[~bad], torch.float32)
 
 
+def test_embedding_layer_norm_reads_ids_through_a_map(device):
+    """With an id map, the table row is map[ids] (BERT's token types read from a buffer through the position
+    ids), the map [1, n] or [n]; an id outside the map, or a mapped id outside the table, gives a row of NaN."""
+    batch, seq, hidden = 3, 11, 40
+    tables = [torch.randn(rows, hidden, device=device) for rows in (50, 3, 64)]
+    ids = [torch.randint(0, 50, (batch, seq), device=device), torch.arange(seq, device=device)[None] + 2,
+           torch.arange(seq, device=device)[None]]
+    type_map = torch.randint(0, 3, (1, 64), device=device)
+    word_map = torch.randperm(50, device=device).to(torch.int32)  # 1-D, int32
+    out = poisoned((batch, seq, hidden), torch.float32, device)
+    weight, bias = torch.randn(hidden, device=device), torch.randn(hidden, device=device)
+    maps = [word_map, type_map, None]
+    y = norm_module.embedding_layer_norm_fwd(ids, tables, weight, bias, 1e-12, out=out, id_maps=maps)
+    mapped = [word_map[ids[0]], type_map[0, ids[1]], ids[2]]
+    assert_close(y, _embedding_reference(mapped, tables, weight, bias, 1e-12), torch.float32)
+    ids[1][0, -1] = 64  # past the map
+    type_map[0, 3] = 3  # past the table, read by position 1
+    y = norm_module.embedding_layer_norm_fwd(ids, tables, None, None, 1e-12, id_maps=[None, type_map, None])
+    bad = torch.isnan(y).all(-1)
+    assert bad[:, [1, seq - 1]].all() and bad.sum() == 2 * batch and not torch.isnan(y[~bad]).any()
+
+
 def test_embedding_layer_norm_compiles_for_sm90_and_waits_first():
     types = {name: "*fp16" for name in ("T0_ptr", "T1_ptr", "T2_ptr", "Y_ptr", "W_ptr", "B_ptr")}
-    types.update({name: "*i64" for name in ("Ids0_ptr", "Ids1_ptr", "Ids2_ptr")}, eps="fp32")
-    constexprs = dict(NUM_TABLES=3, HAS_WEIGHT=True, HAS_BIAS=True, ROWS_PER_PROGRAM=2, BLOCK_SIZE=1024, PDL=True)
+    types.update({name: "*i64" for name in ("Ids0_ptr", "Ids1_ptr", "Ids2_ptr", "Map0_ptr", "Map1_ptr", "Map2_ptr")},
+                 eps="fp32")
+    constexprs = dict(NUM_TABLES=3, HAS_MAP0=False, HAS_MAP1=True, HAS_MAP2=False, HAS_WEIGHT=True, HAS_BIAS=True,
+                      ROWS_PER_PROGRAM=2, BLOCK_SIZE=1024, PDL=True)
     assert_pdl_waits_first(sm90_ptx("tritonize.kernels.norm", "_embedding_layer_norm_kernel", types, constexprs))
 
 
@@ -185,6 +209,12 @@ def test_ops_embedding_layer_norm_checks_its_operands(device):
         ops.embedding_layer_norm([ids, ids[:, :3]], [table, table], None, None)
     with pytest.raises(ValueError, match="norm_weight must have shape"):
         ops.embedding_layer_norm([ids, ids], [table, table], torch.ones(12, device=device), None)
+    with pytest.raises(ValueError, match="one entry per lookup"):
+        ops.embedding_layer_norm([ids, ids], [table, table], None, None, id_maps=[None])
+    with pytest.raises(ValueError, match=r"id_maps\[1\] must be an int32 or int64 \[n\] or \[1, n\]"):
+        ops.embedding_layer_norm([ids, ids], [table, table], None, None, id_maps=[None, ids])
+    with pytest.raises(ValueError, match=r"id_maps\[0\] must be an int32 or int64"):
+        ops.embedding_layer_norm([ids, ids], [table, table], None, None, id_maps=[ids[0].float(), None])
 
 
 def test_kernel_writes_no_sum_without_store_sum(device):

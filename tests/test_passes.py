@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from helpers import assert_close
 from torch import nn
 
-from tritonize.passes import DEFAULT_REGISTRY, Registry, register_pattern
+import tritonize
+from tritonize.passes import DEFAULT_REGISTRY, Registry, fake, register_pattern
 from tritonize.passes.linear import linear_plain
 from tritonize.reporting import Report
 from tritonize.runtime import tritonize_backend
@@ -264,6 +265,38 @@ def test_embedding_sums_join_their_layer_norm(tables, max_norm, fused, device):
                         else [])
 
 
+class BufferedTokenTypes(nn.Module):
+    """HF BERT's embeddings without token_type_ids: the types are a [1, max_len] buffer read through the position
+    ids with torch.gather, then expanded over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words, self.types, self.positions = nn.Embedding(30, 16), nn.Embedding(3, 16), nn.Embedding(20, 16)
+        self.norm = nn.LayerNorm(16, eps=1e-12)
+        self.register_buffer("position_ids", torch.arange(20)[None], persistent=False)
+        self.register_buffer("token_type_ids", torch.randint(0, 3, (1, 20)), persistent=False)  # not all zeros
+
+    def forward(self, ids):
+        batch, seq = ids.shape
+        position_ids = self.position_ids[:, 2:seq + 2]
+        type_ids = torch.gather(self.token_type_ids.expand(position_ids.shape[0], -1), dim=1, index=position_ids)
+        total = self.words(ids) + self.types(type_ids.expand(batch, seq))
+        return self.norm(total + self.positions(position_ids))
+
+
+def test_token_types_gathered_from_a_buffer_are_read_by_the_kernel(device):
+    """The gather of the token-type buffer through the position ids leaves the graph: ops.embedding_layer_norm
+    reads the positions through the buffer (an id map) itself, and the result is eager's."""
+    model = BufferedTokenTypes().to(device).eval()
+    ids = torch.randint(0, 30, (2, 9), device=device)
+    out, expected, report, graphs = _compile(model, ids, context=torch.no_grad)
+    assert_close(out, expected)
+    assert [name for name, _ in _ops_calls(graphs)] == ["embedding_layer_norm"] and not report.fallbacks
+    ((_, call_kwargs),) = _ops_calls(graphs)
+    assert [m is not None for m in call_kwargs["id_maps"]] == [False, True, False]
+    assert not any(n.target in (torch.gather, "gather") for gm in graphs for n in gm.graph.nodes)
+
+
 @pytest.mark.parametrize("activation, pre_norm, joined", [(False, False, True), (True, False, False),
                                                           (False, True, False)])
 def test_linear_joins_the_layer_norm_that_alone_reads_it(activation, pre_norm, joined, device):
@@ -409,6 +442,60 @@ def test_attention_fallbacks(model, shapes, reason, device):
     out, expected, report, _ = _compile(model.eval(), q, k, v)
     assert_close(out, expected)
     assert not report.replaced and reason in _reasons(report)
+
+
+class IntegerMaskAttention(nn.Module):
+    """Attention under the user's int64 attention_mask converted to bool, as HF's mask builders do."""
+
+    def __init__(self, via_sdpa: bool, mask_read_elsewhere: bool = False) -> None:
+        super().__init__()
+        self.via_sdpa, self.mask_read_elsewhere = via_sdpa, mask_read_elsewhere
+
+    def forward(self, q, k, v, attention_mask):
+        keep = attention_mask.to(torch.bool)
+        if self.via_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        else:
+            out = tritonize.ops.attention(q, k, v, key_padding_mask=keep)
+        return (out, keep.sum(-1)) if self.mask_read_elsewhere else out
+
+
+def _casts_to_bool(graphs) -> int:
+    return sum(n.op == "call_method" and n.target == "to" and fake(n).dtype == torch.bool
+               for gm in graphs for n in gm.graph.nodes)
+
+
+def _key_padding_masks(graphs) -> list[torch.Tensor]:
+    """The (fake) key-padding mask of every attention call: the op Dynamo traced from ops.attention, with
+    the mask the sixth argument, or the ops.attention call a pattern wrote, with it by keyword."""
+    masks = []
+    for node in (n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"):
+        if node.target is torch.ops.tritonize.attention.default:
+            masks.append(node.args[5])
+        elif node.target is tritonize.ops.attention:
+            masks.append(node.kwargs.get("key_padding_mask"))
+    return [fake(mask) for mask in masks if mask is not None]
+
+
+@pytest.mark.parametrize("via_sdpa", [False, True], ids=["ops_attention", "sdpa"])
+@pytest.mark.parametrize("mask_read_elsewhere", [False, True])
+def test_integer_padding_mask_is_read_by_the_kernel(via_sdpa, mask_read_elsewhere, device):
+    """The bool conversion of an integer mask read only as a key-padding mask leaves the graph (the kernel
+    tests nonzero itself); one that something else also reads stays."""
+    q, k, v = _qkv(device)
+    attention_mask = torch.ones(2, 9, dtype=torch.int64, device=device)
+    attention_mask[1, 6:] = 0
+    attention_mask[0, 2] = 2  # nonzero attends, whatever its value
+    model = IntegerMaskAttention(via_sdpa, mask_read_elsewhere)
+    out, expected, report, graphs = _compile(model, q, k, v, attention_mask)
+    if mask_read_elsewhere:
+        (out, kept), (expected, expected_kept) = out, expected
+        assert torch.equal(kept, expected_kept)
+    assert_close(out, expected)
+    assert not report.fallbacks
+    assert _casts_to_bool(graphs) == (1 if mask_read_elsewhere else 0)
+    masks = _key_padding_masks(graphs)
+    assert [m.dtype for m in masks] == [torch.bool if mask_read_elsewhere else torch.int64]
 
 
 # -- a real model, and a pattern taught through the registry --------------------------------------

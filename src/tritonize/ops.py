@@ -124,7 +124,7 @@ def attention(
     q: [batch, heads, q_len, head_dim]; k, v: [batch, kv_heads, kv_len, head_dim], any strides,
     kv_heads dividing heads (GQA/MQA). head_dim 16..256. scale (> 0) defaults to 1/sqrt(head_dim).
     causal: query i sees keys j <= i + kv_len - q_len (aligned to the end).
-    key_padding_mask: bool [batch, kv_len], True = attend. bias: additive, broadcastable to
+    key_padding_mask: bool or integer [batch, kv_len], True / nonzero = attend. bias: additive, broadcastable to
     [batch, heads, q_len, kv_len] (T5 position bias, ALiBi). A query row whose keys are all masked
     gives zeros. Returns a contiguous [batch, heads, q_len, head_dim] tensor in q's dtype, or with
     seq_major=True a contiguous [batch, q_len, heads, head_dim] one, written in that layout by the
@@ -149,8 +149,8 @@ def attention(
         raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
     if key_padding_mask is not None:
         _check_tensor("key_padding_mask", key_padding_mask, ndim=2)
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = attend), got {key_padding_mask.dtype}")
+        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+            raise TypeError(f"key_padding_mask must be bool or integer (nonzero attends), got {key_padding_mask.dtype}")
         if tuple(key_padding_mask.shape) != (batch, kv_len):
             raise ValueError(
                 f"key_padding_mask must have shape (batch, kv_len) = {(batch, kv_len)}, "
@@ -491,14 +491,15 @@ def _embedding_layer_norm_op(
     norm_weight: torch.Tensor | None,
     norm_bias: torch.Tensor | None,
     eps: float,
+    id_maps: list[torch.Tensor | None],
 ) -> torch.Tensor:
     if _runs_triton(tables[0]):
-        return embedding_layer_norm_fwd(ids, tables, norm_weight, norm_bias, eps)
-    return reference.embedding_layer_norm(ids, tables, norm_weight, norm_bias, eps)
+        return embedding_layer_norm_fwd(ids, tables, norm_weight, norm_bias, eps, id_maps=id_maps)
+    return reference.embedding_layer_norm(ids, tables, norm_weight, norm_bias, eps, id_maps)
 
 
 @_embedding_layer_norm_op.register_fake
-def _(ids, tables, norm_weight, norm_bias, eps):
+def _(ids, tables, norm_weight, norm_bias, eps, id_maps):
     shape = torch.broadcast_shapes(*(i.shape for i in ids))
     return tables[0].new_empty((*shape, tables[0].shape[1]))
 
@@ -509,22 +510,36 @@ def embedding_layer_norm(
     norm_weight: torch.Tensor | None,
     norm_bias: torch.Tensor | None,
     eps: float = 1e-5,
+    *,
+    id_maps: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """layer_norm(tables[0][ids[0]] + tables[1][ids[1]] (+ tables[2][ids[2]])) in one kernel: an encoder's
     embedding block (BERT: word, token-type and position embeddings, summed in that order, then LayerNorm).
 
     ids: 2 or 3 integer tensors of shape [batch, seq] or [seq] that broadcast together; tables: [rows, hidden]
     each, one float dtype and device, the last dim contiguous; norm_weight, norm_bias: [hidden] or None. The
-    sums are rounded to the tables' dtype as eager adds store them. An id outside its table gives a row of
-    NaN on the kernel path (eager PyTorch raises a device-side assert there) and an IndexError on CPU.
+    sums are rounded to the tables' dtype as eager adds store them. id_maps: None, or one entry per lookup,
+    None or an integer tensor [n] or [1, n] that the ids index first: the row of tables[i] is then
+    id_maps[i][ids[i]] (BERT's token types: a buffer read through the position ids). An id outside its table
+    or map gives a row of NaN on the kernel path (eager PyTorch raises a device-side assert there) and an
+    IndexError on CPU.
     """
     if not 2 <= len(ids) == len(tables) <= 3:
         raise ValueError(f"embedding_layer_norm takes 2 or 3 (ids, table) pairs, got {len(ids)} ids and "
                          f"{len(tables)} tables")
-    for i, (ids_i, table) in enumerate(zip(ids, tables, strict=True)):
+    id_maps = list(id_maps) if id_maps is not None else [None] * len(ids)
+    if len(id_maps) != len(ids):
+        raise ValueError(f"id_maps must have one entry per lookup ({len(ids)}), got {len(id_maps)}")
+    for i, (ids_i, table, id_map) in enumerate(zip(ids, tables, id_maps, strict=True)):
         _check_tensor(f"ids[{i}]", ids_i, ndim=(1, 2))
         if ids_i.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"ids[{i}] must be int32 or int64, got {ids_i.dtype}")
+        if id_map is not None:
+            _check_tensor(f"id_maps[{i}]", id_map, ndim=(1, 2))
+            if id_map.dtype not in (torch.int32, torch.int64) or (id_map.dim() == 2 and id_map.shape[0] != 1):
+                raise ValueError(f"id_maps[{i}] must be an int32 or int64 [n] or [1, n] tensor, got "
+                                 f"{id_map.dtype} of shape {tuple(id_map.shape)}")
+            _check_same_device(tables[0].device, **{f"id_maps[{i}]": id_map})
         _check_tensor(f"tables[{i}]", table, ndim=2)
         _check_float(f"tables[{i}]", table, tables[0].dtype)
         if table.shape[1] != tables[0].shape[1] or table.stride(1) != 1:
@@ -536,7 +551,7 @@ def embedding_layer_norm(
     except RuntimeError as error:
         raise ValueError(f"the ids' shapes {[tuple(i.shape) for i in ids]} do not broadcast") from error
     _check_norm_args(tables[0], None, eps, norm_weight=norm_weight, norm_bias=norm_bias)  # rows as the norm's x
-    return _embedding_layer_norm_op(list(ids), list(tables), norm_weight, norm_bias, float(eps))
+    return _embedding_layer_norm_op(list(ids), list(tables), norm_weight, norm_bias, float(eps), id_maps)
 
 
 # -- rotary embeddings ----------------------------------------------------------------------------

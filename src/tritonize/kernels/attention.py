@@ -236,7 +236,7 @@ def flash_attention_fwd(
         bias = bias.expand(batch, heads, q_len, kv_len)
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     if has_kpm:
-        kpm = key_padding_mask.view(torch.uint8)
+        kpm = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
         kpm_strides = kpm.stride()
     else:  # the kernel never reads this pointer; any tensor stands in
         kpm = q

@@ -128,10 +128,15 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
-def _gathered_rows(Ids_ptr, ids_batch_stride, ids_seq_stride, T_ptr, t_rows, t_row_stride, batch, pos, cols, mask):
-    """Rows T[ids[batch, pos]] as fp32 [ROWS, BLOCK_SIZE], zero outside mask; NaN for an id outside
-    [0, t_rows) (nothing is read there: the caller's result is then NaN, never another row's values)."""
+def _gathered_rows(Ids_ptr, ids_batch_stride, ids_seq_stride, Map_ptr, map_len, map_stride, T_ptr, t_rows,
+                   t_row_stride, batch, pos, cols, mask, HAS_MAP: tl.constexpr):
+    """Rows T[ids[batch, pos]] (with HAS_MAP: T[Map[ids[batch, pos]]], the map map_len ids map_stride apart) as
+    fp32 [ROWS, BLOCK_SIZE], zero outside mask; NaN for an id outside [0, t_rows) or outside the map (nothing
+    is read there: the caller's result is then NaN, never another row's values)."""
     ids = tl.load(Ids_ptr + batch * ids_batch_stride + pos * ids_seq_stride)
+    if HAS_MAP:
+        in_map = (ids >= 0) & (ids < map_len)
+        ids = tl.load(Map_ptr + ids.to(tl.int64) * map_stride, mask=in_map, other=-1)
     valid = (ids >= 0) & (ids < t_rows)
     row = tl.load(T_ptr + ids.to(tl.int64) * t_row_stride + cols, mask=mask & valid, other=0.0).to(tl.float32)
     return tl.where(valid, row, float("nan"))
@@ -139,32 +144,36 @@ def _gathered_rows(Ids_ptr, ids_batch_stride, ids_seq_stride, T_ptr, t_rows, t_r
 
 @triton.jit
 def _embedding_layer_norm_kernel(
-    Ids0_ptr, Ids1_ptr, Ids2_ptr, T0_ptr, T1_ptr, T2_ptr, Y_ptr, W_ptr, B_ptr,
+    Ids0_ptr, Ids1_ptr, Ids2_ptr, Map0_ptr, Map1_ptr, Map2_ptr, T0_ptr, T1_ptr, T2_ptr, Y_ptr, W_ptr, B_ptr,
     ids0_batch_stride, ids0_seq_stride, ids1_batch_stride, ids1_seq_stride, ids2_batch_stride, ids2_seq_stride,
+    map0_len, map1_len, map2_len, map0_stride, map1_stride, map2_stride,
     t0_rows, t1_rows, t2_rows, t0_row_stride, t1_row_stride, t2_row_stride, n_rows, n_cols, seq_len, eps,
-    NUM_TABLES: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NUM_TABLES: tl.constexpr, HAS_MAP0: tl.constexpr, HAS_MAP1: tl.constexpr, HAS_MAP2: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """y = layer_norm(T0[ids0] + T1[ids1] (+ T2[ids2])) for each token (row) of a [batch, seq_len] input.
 
     Ids*_ptr: integer ids, token (b, s) at b * ids_batch_stride + s * ids_seq_stride (stride 0 broadcasts, as
-    BERT's position ids over the batch). T*_ptr: tables [t_rows, n_cols], rows t_row_stride apart, columns
+    BERT's position ids over the batch). Map*_ptr (with HAS_MAP*): the ids index this integer vector first, and
+    the table row is the value found there (BERT's token types read from a buffer through the positions).
+    T*_ptr: tables [t_rows, n_cols], rows t_row_stride apart, columns
     contiguous, in Y's dtype; the gathered rows are summed in order, each sum rounded to Y's dtype as eager
     adds store it. Y_ptr: [n_rows = batch * seq_len, n_cols], contiguous. W_ptr, B_ptr as in
-    _layer_norm_fwd_kernel. An id outside its table gives a row of NaN. PDL: as in _layer_norm_fwd_kernel.
+    _layer_norm_fwd_kernel. An id outside its table or map gives a row of NaN. PDL: as in _layer_norm_fwd_kernel.
     """
     wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
     rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
     rows = tl.minimum(rows, n_rows - 1)  # rows past the end repeat the last (never stored): ids stay in bounds
     batch, pos = rows // seq_len, rows % seq_len
-    h = _gathered_rows(Ids0_ptr, ids0_batch_stride, ids0_seq_stride, T0_ptr, t0_rows, t0_row_stride, batch, pos,
-                       cols, mask)
-    h += _gathered_rows(Ids1_ptr, ids1_batch_stride, ids1_seq_stride, T1_ptr, t1_rows, t1_row_stride, batch, pos,
-                        cols, mask)
+    h = _gathered_rows(Ids0_ptr, ids0_batch_stride, ids0_seq_stride, Map0_ptr, map0_len, map0_stride, T0_ptr,
+                       t0_rows, t0_row_stride, batch, pos, cols, mask, HAS_MAP0)
+    h += _gathered_rows(Ids1_ptr, ids1_batch_stride, ids1_seq_stride, Map1_ptr, map1_len, map1_stride, T1_ptr,
+                        t1_rows, t1_row_stride, batch, pos, cols, mask, HAS_MAP1)
     h = cast(h, Y_ptr.dtype.element_ty).to(tl.float32)
     if NUM_TABLES == 3:
-        h += _gathered_rows(Ids2_ptr, ids2_batch_stride, ids2_seq_stride, T2_ptr, t2_rows, t2_row_stride, batch,
-                            pos, cols, mask)
+        h += _gathered_rows(Ids2_ptr, ids2_batch_stride, ids2_seq_stride, Map2_ptr, map2_len, map2_stride, T2_ptr,
+                            t2_rows, t2_row_stride, batch, pos, cols, mask, HAS_MAP2)
         h = cast(h, Y_ptr.dtype.element_ty).to(tl.float32)
     h = tl.where(mask, h, 0.0)
     y = layer_norm_rows(h, cols, mask, n_cols, eps, W_ptr, B_ptr, HAS_WEIGHT, HAS_BIAS)
@@ -269,6 +278,7 @@ def embedding_layer_norm_fwd(
     eps: float,
     out: torch.Tensor | None = None,
     pdl: bool | None = None,
+    id_maps: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """layer_norm(tables[0][ids[0]] + tables[1][ids[1]] (+ tables[2][ids[2]])): an encoder's embeddings (words,
     token types, positions) gathered, summed in order (each sum rounded to the tables' dtype, as eager adds
@@ -276,8 +286,10 @@ def embedding_layer_norm_fwd(
 
     ids: 2 or 3 integer tensors of shape [batch, seq_len] or [seq_len], broadcast together (BERT's position ids
     [1, seq_len]); tables: [rows, n_cols] each, columns contiguous, one dtype; weight, bias: [n_cols] or None.
-    An id outside its table gives a row of NaN. Validated by tritonize.ops. out: an optional contiguous output
-    of that shape. pdl: as in layer_norm_fwd.
+    id_maps: None, or per lookup None or an integer tensor [map_len] or [1, map_len]: the row of tables[i] is
+    then id_maps[i][ids[i]] (BERT's token types, a buffer read through the position ids).
+    An id outside its table or map gives a row of NaN. Validated by tritonize.ops. out: an optional contiguous
+    output of that shape. pdl: as in layer_norm_fwd.
     """
     shape = torch.broadcast_shapes(*(i.shape for i in ids))
     batch, seq_len = (1, *shape) if len(shape) == 1 else shape
@@ -286,6 +298,24 @@ def embedding_layer_norm_fwd(
     n_rows = batch * seq_len
     if n_rows == 0:
         return y
+    ids = [i.expand(shape).reshape(batch, seq_len) for i in ids]  # views: broadcast dims get stride 0
+    maps = [m.reshape(-1) if m is not None else None for m in (id_maps or [None] * len(ids))]
+    num_tables = len(tables)
+    # an unused third lookup repeats the first; a missing map is never read (its ids stand in)
+    ids, tables = ids + ids[:3 - num_tables], list(tables) + list(tables[:3 - num_tables])
+    maps = maps + [None] * (3 - num_tables)
+    map_pointers = [m if m is not None else i for m, i in zip(maps, ids, strict=True)]
+    block_size, rows_per_program, num_warps = launch_config(n_rows, n_cols)
+    pdl = n_rows <= PDL_MAX_ROWS and pdl_supported(y.device) if pdl is None else pdl
+    _embedding_layer_norm_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        *ids, *map_pointers, *tables, y, weight, bias, *(stride for i in ids for stride in i.stride()),
+        *(m.shape[0] if m is not None else 0 for m in maps), *(m.stride(0) if m is not None else 0 for m in maps),
+        *(t.shape[0] for t in tables), *(t.stride(0) for t in tables), n_rows, n_cols, seq_len, eps,
+        NUM_TABLES=num_tables, HAS_MAP0=maps[0] is not None, HAS_MAP1=maps[1] is not None,
+        HAS_MAP2=maps[2] is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        ROWS_PER_PROGRAM=rows_per_program, BLOCK_SIZE=block_size, PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
+    )  # fmt: skip
+    return y
     ids = [i.expand(shape).reshape(batch, seq_len) for i in ids]  # views: broadcast dims get stride 0
     num_tables = len(tables)
     ids, tables = ids + ids[:3 - num_tables], list(tables) + list(tables[:3 - num_tables])  # unused third: the first

@@ -35,7 +35,7 @@ def attention(
 
     q: [batch, heads, q_len, head_dim]; k, v: [batch, kv_heads, kv_len, head_dim] with kv_heads
     dividing heads. Causal masking is aligned to the end: query i sees keys j <= i + kv_len - q_len.
-    key_padding_mask: bool [batch, kv_len], True = attend. bias: additive, broadcastable to
+    key_padding_mask: bool or integer [batch, kv_len], True / nonzero = attend. bias: additive, broadcastable to
     [batch, heads, q_len, kv_len].
     """
     dtype = _compute_dtype(q.dtype)
@@ -121,12 +121,16 @@ def embedding_layer_norm(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
+    id_maps: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """LayerNorm of tables[0][ids[0]] + tables[1][ids[1]] + ..., summed in order in the tables' dtype (each sum
-    rounded as eager adds store it; ids broadcast together)."""
-    total = tables[0][ids[0]]
-    for ids_i, table in zip(ids[1:], tables[1:], strict=True):
-        total = total + table[ids_i]
+    rounded as eager adds store it; ids broadcast together). id_maps[i], when given ([n] or [1, n]): the ids
+    of lookup i index it first, tables[i][id_maps[i][ids[i]]]."""
+    id_maps = id_maps or [None] * len(ids)
+    rows = [t[i if m is None else m.reshape(-1)[i]] for i, t, m in zip(ids, tables, id_maps, strict=True)]
+    total = rows[0]
+    for row in rows[1:]:
+        total = total + row
     return layer_norm(total, weight, bias, eps)[0]
 
 

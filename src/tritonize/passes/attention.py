@@ -2,7 +2,8 @@
 
 `sdpa` matches `F.scaled_dot_product_attention` (no dropout; a bool mask becomes a key-padding mask or
 an additive bias, a float mask a bias); `attention` matches `softmax(q @ k^T [* s | / d] [+ mask]) @ v`
-with the scale read from the graph (1 when there is none). passes/ never imports triton.
+with the scale read from the graph (1 when there is none); `key_padding_mask_cast` lets the kernel read
+an integer padding mask itself instead of after a conversion to bool. passes/ never imports triton.
 """
 
 from __future__ import annotations
@@ -62,13 +63,23 @@ def _broadcasts(mask: torch.Tensor, target: tuple) -> bool:
     return mask.dim() <= 4 and all(equal(m, 1) or equal(m, t) for m, t in pairs)
 
 
+def _record_fake(node: fx.Node) -> None:
+    """Record the fake tensor (shape, dtype, device) of `node = target(source, ...)`, computed from its
+    inputs' fake tensors: for a call a pattern made, or one whose source a pattern changed."""
+    inputs = fx.node.map_arg(node.args, lambda n: n.meta.get("example_value", n.meta.get("val")))
+    with fake(node.args[0]).fake_mode:
+        node.meta["example_value"] = node.target(*inputs)
+
+
 def _shared(graph: fx.Graph, source: fx.Node, target, args: tuple) -> fx.Node:
     """The node computing target(*args) right after source; reused when an earlier rewrite made it."""
     for user in source.users:
         if user.op == "call_function" and user.target is target and user.args == args:
             return user
     with graph.inserting_after(source):
-        return graph.call_function(target, args)
+        made = graph.call_function(target, args)
+    _record_fake(made)
+    return made
 
 
 def _mask_kwargs(mask: object, scores: tuple) -> dict:
@@ -176,4 +187,53 @@ def attention(node: fx.Node) -> bool:
     except Reject:
         erase_unused(k)  # a transpose made for this call and now unused
         raise
+    return True
+
+
+# what a graph holds where ops.attention was traced (HF's attention interface calls it inside the model)
+_ATTENTION_OP = torch.ops.tritonize.attention.default
+
+
+def _only_key_padding(mask: fx.Node) -> bool:
+    """Every reader of mask takes it as an attention's key_padding_mask, directly or through indexing."""
+
+    def reads_only_as_key_padding(user: fx.Node) -> bool:
+        if is_call(user, ops.attention):
+            others = [*user.args, *(v for k, v in user.kwargs.items() if k != "key_padding_mask")]
+            return user.kwargs.get("key_padding_mask") is mask and mask not in others
+        if user.op == "call_function" and user.target is _ATTENTION_OP:
+            key_padding_position = 5  # _attention_op(q, k, v, scale, causal, key_padding_mask, bias, seq_major)
+            others = [a for i, a in enumerate(user.args) if i != key_padding_position]
+            return len(user.args) > key_padding_position and user.args[key_padding_position] is mask \
+                and mask not in others and not user.kwargs
+        if is_call(user, operator.getitem) and user.args[0] is mask and mask not in user.args[1:]:
+            return _only_key_padding(user)
+        return False
+
+    return bool(mask.users) and all(reads_only_as_key_padding(user) for user in mask.users)
+
+
+def _refresh_indexings(node: fx.Node) -> None:
+    """Record again the fake tensors of the indexings of node (and of theirs) after node's dtype changed."""
+    for user in node.users:
+        if is_call(user, operator.getitem) and user.args[0] is node:
+            _record_fake(user)
+            _refresh_indexings(user)
+
+
+@register_pattern(None, stage="lower")
+def key_padding_mask_cast(node: fx.Node) -> bool:
+    """`mask.to(torch.bool)` of an integer mask read only as attention key-padding masks -> mask: the kernel
+    tests `!= 0` itself, which is what the conversion does, so the call saves a conversion kernel (HF's
+    mask builders convert the user's int64 attention_mask before every forward)."""
+    if not is_cast(node):
+        return False
+    out, source = fake(node), node.args[0]
+    source_value = fake(source)
+    integer = not (source_value.dtype.is_floating_point or source_value.dtype.is_complex)
+    if out.dtype != torch.bool or source_value.dtype == torch.bool or not integer or not _only_key_padding(node):
+        return False
+    node.replace_all_uses_with(source)
+    node.graph.erase_node(node)
+    _refresh_indexings(source)
     return True

@@ -23,6 +23,7 @@ from tritonize.passes.registry import (
     arg,
     check,
     check_tensor,
+    equal,
     fake,
     is_call,
     is_cast,
@@ -99,11 +100,38 @@ def _embedding_lookups(x: object) -> list[tuple[fx.Node, fx.Node]] | None:
     return None if first is None or second is None else first + second
 
 
+def _read_through_map(ids: object) -> tuple[fx.Node, fx.Node] | None:
+    """(index, id_map) when ids = torch.gather(id_map[.expand(n, -1)], 1, index)[.expand(...)] with id_map an
+    integer [1, n] tensor, so ids[b, s] = id_map[0, index[b, s]] (BERT's token types: a zero buffer read
+    through the position ids); else None."""
+    gathered = ids.args[0] if is_call(ids, "expand") else ids
+    if not is_call(gathered, torch.gather, "gather") or arg(gathered, 1, "dim") not in (1, -1):
+        return None
+    source, index = arg(gathered, 0, "input"), arg(gathered, 2, "index")
+    id_map = source.args[0] if is_call(source, "expand") else source
+    map_value, index_value = fake(id_map), fake(index)
+    if map_value is None or index_value is None or arg(gathered, 3, "sparse_grad", False):
+        return None
+    integer = map_value.dtype in (torch.int32, torch.int64) and index_value.dtype in (torch.int32, torch.int64)
+    one_row = map_value.dim() == 2 and static_int(map_value.shape[0]) == 1 and index_value.dim() == 2
+    return (index, id_map) if integer and one_row else None
+
+
+def _broadcast_kept(old: torch.Tensor, new: torch.Tensor, others: list[torch.Tensor]) -> bool:
+    """Reading ids `new` instead of `old` leaves the shape all the lookups' ids broadcast to unchanged: each dim
+    of old is new's or another lookup's."""
+    shapes = [new.shape, *(o.shape for o in others)]
+    return new.dim() <= old.dim() and all(
+        any(len(shape) >= k and equal(shape[-k], old.shape[-k]) for shape in shapes) for k in range(1, old.dim() + 1)
+    )
+
+
 @register_pattern("embedding_layer_norm")
 def embedding_layer_norm(node: fx.Node) -> bool:
     """F.layer_norm(F.embedding(ids0, t0) + F.embedding(ids1, t1) (+ F.embedding(ids2, t2))) over the last dim
     (BERT's embeddings: words, token types, positions) -> ops.embedding_layer_norm: the gathers, the sums and
-    the norm in one kernel. Registered before `layer_norm`, which would otherwise take the last add."""
+    the norm in one kernel; ids gathered from a one-row buffer (BERT's default token types) are read through it
+    by the kernel too. Registered before `layer_norm`, which would otherwise take the last add."""
     if not is_call(node, F.layer_norm):
         return False
     lookups = _embedding_lookups(arg(node, 0, "input"))
@@ -111,15 +139,27 @@ def embedding_layer_norm(node: fx.Node) -> bool:
         return False
     x_value, weight, bias, eps = _layer_norm_operands(node)
     check(len(lookups) <= 3, f"{len(lookups)} embeddings are summed; the kernel takes 2 or 3")
-    for i, (ids, table) in enumerate(lookups):
-        ids_value, table_value = fake(ids), check_tensor(f"tables[{i}]", table)
+    ids, tables, id_maps = [], [], []
+    for i, (ids_i, table) in enumerate(lookups):
+        ids_value, table_value = fake(ids_i), check_tensor(f"tables[{i}]", table)
         check(isinstance(ids_value, torch.Tensor) and ids_value.dtype in (torch.int32, torch.int64)
               and ids_value.dim() in (1, 2) and ids_value.device == x_value.device,
               f"ids[{i}] is not an int32/int64 [batch, seq] or [seq] tensor on x's device")
         check(table_value.dim() == 2 and table_value.dtype == x_value.dtype, f"table {i} is not 2-D in x's dtype")
         check(table_value.device == x_value.device, f"table {i} is on {table_value.device}, x on {x_value.device}")
-    replace(node, ops.embedding_layer_norm, [ids for ids, _ in lookups], [table for _, table in lookups], weight,
-            bias, eps)
+        through_map = _read_through_map(ids_i)
+        others = [fake(other) for other, _ in lookups if other is not ids_i]
+        if through_map is not None and _broadcast_kept(ids_value, fake(through_map[0]), others):
+            index, id_map = through_map
+            check(fake(id_map).device == x_value.device, f"ids[{i}] are read from a buffer on another device")
+            ids_i = index
+        else:
+            id_map = None
+        ids.append(ids_i)
+        tables.append(table)
+        id_maps.append(id_map)
+    maps = {"id_maps": id_maps} if any(m is not None for m in id_maps) else {}
+    replace(node, ops.embedding_layer_norm, ids, tables, weight, bias, eps, **maps)
     return True
 
 
