@@ -157,10 +157,10 @@ def _embedding_layer_norm_kernel(
     Ids*_ptr: integer ids, token (b, s) at b * ids_batch_stride + s * ids_seq_stride (stride 0 broadcasts, as
     BERT's position ids over the batch). Map*_ptr (with HAS_MAP*): the ids index this integer vector first, and
     the table row is the value found there (BERT's token types read from a buffer through the positions).
-    T*_ptr: tables [t_rows, n_cols], rows t_row_stride apart, columns
-    contiguous, in Y's dtype; the gathered rows are summed in order, each sum rounded to Y's dtype as eager
-    adds store it. Y_ptr: [n_rows = batch * seq_len, n_cols], contiguous. W_ptr, B_ptr as in
-    _layer_norm_fwd_kernel. An id outside its table or map gives a row of NaN. PDL: as in _layer_norm_fwd_kernel.
+    T*_ptr: tables [t_rows, n_cols], rows t_row_stride apart, columns contiguous, in Y's dtype; the gathered
+    rows are summed in order, each sum rounded to Y's dtype as eager adds store it. Y_ptr: [n_rows = batch *
+    seq_len, n_cols], contiguous. W_ptr, B_ptr as in _layer_norm_fwd_kernel. An id outside its table or map
+    gives a row of NaN. PDL: as in _layer_norm_fwd_kernel.
     """
     wait_previous_allow_next(PDL)  # nothing is read or written before the previous kernel has ended
     rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
@@ -313,18 +313,6 @@ def embedding_layer_norm_fwd(
         *(t.shape[0] for t in tables), *(t.stride(0) for t in tables), n_rows, n_cols, seq_len, eps,
         NUM_TABLES=num_tables, HAS_MAP0=maps[0] is not None, HAS_MAP1=maps[1] is not None,
         HAS_MAP2=maps[2] is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ROWS_PER_PROGRAM=rows_per_program, BLOCK_SIZE=block_size, PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
-    )  # fmt: skip
-    return y
-    ids = [i.expand(shape).reshape(batch, seq_len) for i in ids]  # views: broadcast dims get stride 0
-    num_tables = len(tables)
-    ids, tables = ids + ids[:3 - num_tables], list(tables) + list(tables[:3 - num_tables])  # unused third: the first
-    block_size, rows_per_program, num_warps = launch_config(n_rows, n_cols)
-    pdl = n_rows <= PDL_MAX_ROWS and pdl_supported(y.device) if pdl is None else pdl
-    _embedding_layer_norm_kernel[(triton.cdiv(n_rows, rows_per_program),)](
-        *ids, *tables, y, weight, bias, *(stride for i in ids for stride in i.stride()),
-        *(t.shape[0] for t in tables), *(t.stride(0) for t in tables), n_rows, n_cols, seq_len, eps,
-        NUM_TABLES=num_tables, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         ROWS_PER_PROGRAM=rows_per_program, BLOCK_SIZE=block_size, PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
     )  # fmt: skip
     return y
