@@ -629,3 +629,39 @@ def test_layer_norm_in_the_split_k_reduce_real_sizes(M, N, K, config, dtype, dev
     y = linear_fwd(x, weight, b, None, r, out=out, config=config, layer_norm=(norm_weight, norm_bias, 1e-12))
     assert [name for name, _ in launches] == ["_linear_kernel"]
     assert_close(y, _layer_norm_reference(x, weight, b, r, norm_weight, norm_bias, 1e-12), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_norm", [True, False], ids=["reduce_and_norm", "reduce"])
+def test_finish_in_launch_under_graph_replays(with_norm, dtype, device, launches, monkeypatch):
+    """bert-base's down projection at 16 rows, K split 4 ways, finished inside the launch (the last split of each
+    tile sums the partials; with the norm, the last tile of each row block normalizes) and replayed 100 times
+    from a CUDA graph on new inputs, each twice: equal bits between the two replays, and the separate kernels'
+    result within tolerance. An ordering between programs missing on the GPU (a partial or a tile read before
+    it is written; a counter not reset) shows as a wrong tile, which the interpreter, one program at a time,
+    cannot show."""
+    monkeypatch.setattr(linear_module, "REDUCE_IN_LAST_SPLIT_MAX_M", 16)
+    monkeypatch.setattr(linear_module, "NORM_BY_LAST_TILE_MAX_M", 16)
+    x, weight, b, r, norm_weight, norm_bias = _layer_norm_inputs(16, 768, 3072, "weight_bias", dtype, device)
+    config = LinearConfig(16, 32, 128, group_m=1, split_k=4)
+    norm = (norm_weight, norm_bias, 1e-12) if with_norm else None
+
+    def run():
+        return linear_fwd(x, weight, b, None if with_norm else "gelu", r, config=config, layer_norm=norm)
+
+    run()  # compiles, and creates the device's counter arena that captured launches take their counters from
+    launches.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    assert [name for name, _ in launches] == ["_linear_kernel"], "the capture did not finish inside the launch"
+    for _ in range(100):
+        x.copy_(torch.randn_like(x) + 3.0)
+        graph.replay()
+        first = y.clone()
+        graph.replay()
+        assert torch.equal(y, first), "two replays on the same inputs differ"
+        linear_module.REDUCE_IN_LAST_SPLIT_MAX_M = linear_module.NORM_BY_LAST_TILE_MAX_M = 0
+        assert_close(y, run(), dtype)
+        linear_module.REDUCE_IN_LAST_SPLIT_MAX_M = linear_module.NORM_BY_LAST_TILE_MAX_M = 16
