@@ -15,13 +15,12 @@ Experiments:
   four others: `ab-layer-norm-bert-base-*.json`);
 - embeddings: BERT's embeddings and pooler compiled by optimize_model (one embedding + LayerNorm kernel, the
   pooler's linear + tanh as one GEMV) or left as PyTorch ops inside the CUDA graph;
-- finish-in-launch: on few rows, the product's own launch finishing its work (the last split of each tile
-  summing the split-K partials instead of the reduce kernel; the last program of each row block doing
-  `linear_layer_norm`'s norm instead of a norm kernel), or not, up to 16 or 128 rows;
 - weight-prefetch: the tiled linear kernel prefetching its weight slice into L2 before its PDL wait, or not,
   and the shipped gate (`linear.PREFETCH_WEIGHT_MAX_M`). The 2026-12-07 H100 run
   (`ab-prefetch-prologue-bert-base-*.json`) was this experiment crossed with a LayerNorm computed in the next
-  product's prologue, since removed (commit b09b935 has that script and the prologue).
+  product's prologue, since removed (commit b09b935 has that script and the prologue). A finish-in-launch
+  experiment (the product's own launch doing the split-K reduce and the norm on few rows) ran on the H100 on
+  2026-12-07 (`ab-finish-in-launch-removed-bert-base-*.json`) and was removed with that code (commit 76a7ddc).
 
 Usage (on the GPU machine): PYTHONPATH=src python benchmarks/ab_encoder_graphs.py EXPERIMENT [OUT_DIR]
 Writes ab-EXPERIMENT-bert-base-<card>.json to OUT_DIR (default: .).
@@ -46,23 +45,16 @@ SHIPPED_COMPILE_OTHER_CHILDREN = optimize._compile_other_children
 
 
 def switches(attention_pdl=True, norm_pdl_rows=norm.PDL_MAX_ROWS, norm_in_reduce=True,
-             prefetch_weight_rows=linear.PREFETCH_WEIGHT_MAX_M, compile_other_children=True,
-             norm_by_last_tile_rows=linear.NORM_BY_LAST_TILE_MAX_M,
-             reduce_in_last_split_rows=linear.REDUCE_IN_LAST_SPLIT_MAX_M) -> dict:
+             prefetch_weight_rows=linear.PREFETCH_WEIGHT_MAX_M, compile_other_children=True) -> dict:
     """(module, attribute) -> value for one variant; the defaults are what tritonize ships. norm_pdl_rows: the
     norm kernels launch with PDL on at most this many rows; prefetch_weight_rows: the tiled linear kernel
     prefetches its weight into L2 before its PDL wait on at most this many rows; compile_other_children:
-    optimize_model compiles BERT's embeddings and pooler too (else they run as PyTorch ops);
-    norm_by_last_tile_rows: linear_layer_norm without a K split normalizes in the product's last program per
-    row block on at most this many rows (else a norm kernel follows); reduce_in_last_split_rows: a split-K
-    product's last split of each tile sums the partials on at most this many rows (else the reduce kernel)."""
+    optimize_model compiles BERT's embeddings and pooler too (else they run as PyTorch ops)."""
     return {
         (attention, "pdl_supported"): lambda device: attention_pdl,
         (norm, "PDL_MAX_ROWS"): norm_pdl_rows,
         (linear, "MAX_FUSED_NORM_COLS"): linear.MAX_FUSED_NORM_COLS if norm_in_reduce else 0,
         (linear, "PREFETCH_WEIGHT_MAX_M"): prefetch_weight_rows,
-        (linear, "NORM_BY_LAST_TILE_MAX_M"): norm_by_last_tile_rows,
-        (linear, "REDUCE_IN_LAST_SPLIT_MAX_M"): reduce_in_last_split_rows,
         (optimize, "_compile_other_children"): (SHIPPED_COMPILE_OTHER_CHILDREN if compile_other_children
                                                 else lambda target, backend: []),
     }
@@ -89,18 +81,11 @@ EXPERIMENTS = {
         "weight prefetch": switches(prefetch_weight_rows=1 << 40),
         "weight prefetch up to 128 rows": switches(),
     },
-    "finish-in-launch": {
-        "reduce and norm kernels": switches(norm_by_last_tile_rows=0, reduce_in_last_split_rows=0),
-        "norm by last tile, 16 rows": switches(norm_by_last_tile_rows=16, reduce_in_last_split_rows=0),
-        "both in launch, 16 rows": switches(norm_by_last_tile_rows=16, reduce_in_last_split_rows=16),
-        "both in launch, 128 rows": switches(norm_by_last_tile_rows=128, reduce_in_last_split_rows=128),
-    },
 }
 SHAPES = {"attention-pdl": [(1, 16), (1, 128), (8, 128), (32, 128)],
           "layer-norm": [(1, 16), (1, 128), (1, 512), (8, 128), (32, 128)],
           "weight-prefetch": [(1, 16), (1, 128), (1, 512), (8, 128)],
-          "embeddings": [(1, 16), (1, 128), (8, 128)],
-          "finish-in-launch": [(1, 16), (1, 128)]}
+          "embeddings": [(1, 16), (1, 128), (8, 128)]}
 
 
 def main(experiment: str, out_dir: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import pytest
 import torch
@@ -100,27 +99,13 @@ def test_skinny_default_split_k(M, dtype, device):
     _check_fwd(x, weight, b, "silu", r)
 
 
-@pytest.fixture(params=["in launch", "reduce kernel"])
-def reduce_route(request, monkeypatch):
-    """Runs a test with the split-K sums and last-tile norms inside the product's launch on every row count,
-    or never (the reduce kernel, a norm kernel after the product); yields the route's name."""
-    rows = 1 << 30 if request.param == "in launch" else 0
-    monkeypatch.setattr(linear_module, "REDUCE_IN_LAST_SPLIT_MAX_M", rows)
-    monkeypatch.setattr(linear_module, "NORM_BY_LAST_TILE_MAX_M", rows)
-    return request.param
-
-
 @pytest.mark.parametrize("split_k", [2, 3, 8])
-@pytest.mark.parametrize("M", [5, 37])
-def test_explicit_split_k(M, split_k, reduce_route, device):
-    """Small blocks: several K steps per split; with 8 splits of 32 over K = 100 some splits are empty; 37 rows
-    make three row blocks. Both reduce routes sum the partials in the same order: equal bits."""
-    x, weight, b, r = _inputs(M, 40, 100, torch.float16, device)
+def test_explicit_split_k(split_k, device):
+    """Small blocks: several K steps per split; with 8 splits of 32 over K = 100 some splits are empty."""
+    x, weight, b, r = _inputs(5, 40, 100, torch.float16, device)
     config = LinearConfig(16, 32, 32, group_m=1, split_k=split_k)
     first = _check_fwd(x, weight, b, "relu", r, config)
     assert torch.equal(first, linear_fwd(x, weight, b, "relu", r, config=config)), "split-K must be deterministic"
-    linear_module.REDUCE_IN_LAST_SPLIT_MAX_M = 0 if reduce_route == "in launch" else 1 << 30
-    assert torch.equal(first, linear_fwd(x, weight, b, "relu", r, config=config)), "the two routes must agree"
 
 
 def test_grouped_order_and_k_loop(device):
@@ -163,24 +148,17 @@ def _layer_norm_reference(x, weight, bias, residual, norm_weight, norm_bias, eps
     return reference.layer_norm(h, *(None if p is None else p.double() for p in (norm_weight, norm_bias)), eps)[0]
 
 
-def _layer_norm_inputs(M, N, K, affine, dtype, device):
-    """The product's operands with a large common offset in each row (the two-pass variance must not lose it)
-    and the norm's weight and bias (None for affine="none")."""
-    x, weight, b, r = _inputs(M, N, K, dtype, device)
-    norm_weight, norm_bias = (torch.randn(N, device=device).to(dtype) for _ in range(2))
-    if affine == "none":
-        norm_weight = norm_bias = None
-    return x + 3.0, weight, b, r, norm_weight, norm_bias
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M, N, K, split_k", [(1, 40, 100, 2), (7, 257, 64, 3), (16, 1000, 48, 2), (33, 24, 200, 4)])
 @pytest.mark.parametrize("affine", ["weight_bias", "none"])
-def test_layer_norm_in_the_split_k_reduce(M, N, K, split_k, affine, dtype, reduce_route, device, launches):
-    """The reduce of the partial sums (the reduce kernel, or the last split of each tile) also normalizes
-    whole rows: against fp64, into a NaN-poisoned output, with no norm kernel launched; in fp32 bit-equal to
-    the product then the norm kernel."""
-    x, weight, b, r, norm_weight, norm_bias = _layer_norm_inputs(M, N, K, affine, dtype, device)
+def test_layer_norm_in_the_split_k_reduce(M, N, K, split_k, affine, dtype, device, launches):
+    """The reduce of the partial sums also normalizes whole rows: against fp64, into a NaN-poisoned output,
+    with no norm kernel launched; in fp32 bit-equal to the product then the norm kernel."""
+    x, weight, b, r = _inputs(M, N, K, dtype, device)
+    x = x + 3.0  # a large common offset in each row: the two-pass variance must not lose it
+    norm_weight, norm_bias = (torch.randn(N, device=device).to(dtype) for _ in range(2))
+    if affine == "none":
+        norm_weight = norm_bias = None
     config = LinearConfig(16, 32, 16, group_m=1, split_k=split_k)
     out = poisoned((M, N), dtype, device)
     y = linear_fwd(x, weight, b, None, r, out=out, config=config, layer_norm=(norm_weight, norm_bias, 1e-5))
@@ -203,12 +181,10 @@ def test_layer_norm_reduce_compiles_for_sm90_and_waits_first():
 
 
 def _linear_kernel_ptx(**changes) -> str:
-    types = {name: "*fp16" for name in ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr", "NW_ptr", "NB_ptr")}
-    types.update(Partial_ptr="*fp32", Count_ptr="*i32", eps="fp32")
+    types = {name: "*fp16" for name in ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr")}
+    types.update(Partial_ptr="*fp32")
     constexprs = dict(HAS_BIAS=True, ACTIVATION="gelu", HAS_RESIDUAL=False, SPLIT_K=1, INPUT_PRECISION="tf32",
-                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=True, PDL=True, PREFETCH_WEIGHT=True,
-                      REDUCE_IN_LAST_SPLIT=False, LAYER_NORM=False, HAS_NORM_WEIGHT=True, HAS_NORM_BIAS=True,
-                      NORM_BLOCK=1024, NORM_ROWS=4)
+                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=True, PDL=True, PREFETCH_WEIGHT=True)
     return sm90_ptx("tritonize.kernels.linear", "_linear_kernel", types, {**constexprs, **changes})
 
 
@@ -247,10 +223,8 @@ def test_prefetch_addresses_cover_the_slice_in_bounds(k_start, k_end, block_k, l
 
 @pytest.mark.parametrize("config", [LinearConfig(16, 32, 16, group_m=1), None])
 def test_linear_layer_norm_without_a_split_runs_the_norm_kernel(config, device, monkeypatch):
-    """An unsplit config (given, or the heuristic's for these shapes) on more rows than NORM_BY_LAST_TILE_MAX_M
-    runs the product, then the norm kernel."""
+    """An unsplit config (given, or the heuristic's for these shapes) runs the product, then the norm kernel."""
     x, weight, b, r = _inputs(20, 40, 32, torch.float32, device)
-    assert linear_module.NORM_BY_LAST_TILE_MAX_M < 20
     norm_weight, norm_bias = torch.randn(40, device=device), torch.randn(40, device=device)
     if config is None:
         assert _pick_config(20, 40, 32, torch.float32, torch.device(device)).split_k == 1
@@ -261,93 +235,14 @@ def test_linear_layer_norm_without_a_split_runs_the_norm_kernel(config, device, 
     assert_close(y, _layer_norm_reference(x, weight, b, r, norm_weight, norm_bias, 1e-5), torch.float32)
 
 
-def test_layer_norm_rows_are_limited(device):
+def test_layer_norm_needs_a_split_reduce(device):
+    x, weight, b, r = _inputs(4, 40, 32, torch.float32, device)
     norm = (None, None, 1e-5)
+    with pytest.raises(ValueError, match="only in a split-K reduce"):
+        linear_fwd(x, weight, b, None, r, config=LinearConfig(16, 32, 16), layer_norm=norm)
     wide = _inputs(4, linear_module.MAX_FUSED_NORM_COLS + 1, 16, torch.float32, device)
     with pytest.raises(ValueError, match="at most 8192 columns"):
         linear_fwd(*wide[:3], None, wide[3], config=LinearConfig(16, 32, 16, split_k=2), layer_norm=norm)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M, N, K, split_k", [(1, 40, 100, 1), (7, 257, 64, 1), (16, 768, 48, 1), (37, 70, 33, 1),
-                                              (7, 257, 64, 3), (37, 70, 33, 2)])
-@pytest.mark.parametrize("affine", ["weight_bias", "none"])
-def test_layer_norm_by_the_last_tile(M, N, K, split_k, affine, dtype, device, launches, monkeypatch):
-    """Inside the product's launch, the last program of each row block normalizes its rows: against fp64,
-    into a NaN-poisoned output, one launch, several row and column blocks, with and without a K split; the
-    counters are left at zero for the next launch (two launches on the same counters, as graph replays
-    would); in fp32 bit-equal to the product then the norm kernel."""
-    monkeypatch.setattr(linear_module, "REDUCE_IN_LAST_SPLIT_MAX_M", 64)
-    monkeypatch.setattr(linear_module, "NORM_BY_LAST_TILE_MAX_M", 64)
-    x, weight, b, r, norm_weight, norm_bias = _layer_norm_inputs(M, N, K, affine, dtype, device)
-    config = LinearConfig(16, 32, 16, group_m=1, split_k=split_k)
-    counters = torch.zeros(1024, dtype=torch.int32, device=device)
-    monkeypatch.setattr(linear_module, "tile_counters", lambda device, count: counters[:count])
-    expected = _layer_norm_reference(x, weight, b, r, norm_weight, norm_bias, 1e-5)
-    for _ in range(2):
-        out = poisoned((M, N), dtype, device)
-        y = linear_fwd(x, weight, b, None, r, out=out, config=config, layer_norm=(norm_weight, norm_bias, 1e-5))
-        assert y is out and counters.eq(0).all()
-        assert_close(y, expected, dtype)
-    assert [name for name, _ in launches] == ["_linear_kernel"] * 2
-    if dtype == torch.float32:
-        monkeypatch.setattr(linear_module, "REDUCE_IN_LAST_SPLIT_MAX_M", 0)
-        unfused = layer_norm_fwd(linear_fwd(x, weight, b, None, r, config=config), norm_weight, norm_bias, 1e-5)[0]
-        assert torch.equal(y, unfused)
-
-
-@pytest.mark.parametrize("M", [16, 17])
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_the_launch_finishes_up_to_its_row_limits(M, split_k, device, monkeypatch):
-    """The reduce and the norm run inside the product's launch up to REDUCE_IN_LAST_SPLIT_MAX_M /
-    NORM_BY_LAST_TILE_MAX_M rows, in the reduce or norm kernel above them; inside a CUDA-graph capture that
-    finds no counters (the arena missing or full), in those kernels too."""
-    x, weight, b, r = _inputs(M, 40, 32, torch.float32, device)
-    kernels = []
-    for name in ("layer_norm_fwd", "_reduce_and_epilogue"):
-        original = getattr(linear_module, name)
-        monkeypatch.setattr(linear_module, name, lambda *a, name=name, original=original, **k:
-                            kernels.append(name) or original(*a, **k))
-    monkeypatch.setattr(linear_module, "REDUCE_IN_LAST_SPLIT_MAX_M", 16)
-    monkeypatch.setattr(linear_module, "NORM_BY_LAST_TILE_MAX_M", 16)
-    config = LinearConfig(16, 32, 16, split_k=split_k)
-    separate = ["layer_norm_fwd"] if split_k == 1 else ["_reduce_and_epilogue"]
-    expected = _layer_norm_reference(x, weight, b, r, None, None, 1e-5)
-    assert_close(linear_layer_norm_fwd(x, weight, b, r, None, None, 1e-5, config=config), expected, torch.float32)
-    assert kernels == ([] if M <= 16 else separate)
-    kernels.clear()
-    monkeypatch.setattr(linear_module, "tile_counters", lambda device, count: None)
-    assert_close(linear_layer_norm_fwd(x, weight, b, r, None, None, 1e-5, config=config), expected, torch.float32)
-    assert kernels == separate
-
-
-def test_tile_counters_in_a_capture_come_from_the_arena_once(monkeypatch):
-    """Eager launches get fresh zeros (and create the device's arena); captured launches get disjoint slices
-    of the arena, and None once it is full or where no eager launch created it."""
-    device = torch.device("cpu")
-    monkeypatch.setattr(linear_module, "_counter_arenas", {})
-    monkeypatch.setattr(linear_module, "TILE_COUNTER_ARENA", 8)
-    monkeypatch.setattr(linear_module, "_capturing", lambda device: True)
-    assert linear_module.tile_counters(device, 2) is None  # no arena yet
-    monkeypatch.setattr(linear_module, "_capturing", lambda device: False)
-    eager = linear_module.tile_counters(device, 3)
-    assert eager.shape == (3,) and eager.eq(0).all()
-    monkeypatch.setattr(linear_module, "_capturing", lambda device: True)
-    first, second = linear_module.tile_counters(device, 5), linear_module.tile_counters(device, 3)
-    assert first.eq(0).all() and second.eq(0).all() and first.shape == (5,) and second.shape == (3,)
-    assert second.data_ptr() == first.data_ptr() + 5 * 4  # disjoint, in order
-    assert linear_module.tile_counters(device, 1) is None  # full
-
-
-@pytest.mark.parametrize("split_k", [1, 4])
-def test_finishing_in_the_launch_compiles_for_sm90(split_k):
-    """The reduce in the last split and the norm by the last tile compile for sm_90 (bert-base's 16-row output
-    projections: N = 768 in 1024-wide rows), wait first, count arrivals with a GPU-scope acq_rel atomic and
-    read the other programs' results from L2."""
-    ptx = _linear_kernel_ptx(SPLIT_K=split_k, REDUCE_IN_LAST_SPLIT=split_k > 1, LAYER_NORM=True, ACTIVATION="none",
-                             HAS_RESIDUAL=True, PREFETCH_WEIGHT=False)
-    assert_pdl_waits_first(ptx)
-    assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and re.search(r"ld\.global\.cg", ptx)
 
 
 # -- persistent TMA kernel (M > 16) ---------------------------------------------------------------
@@ -629,39 +524,3 @@ def test_layer_norm_in_the_split_k_reduce_real_sizes(M, N, K, config, dtype, dev
     y = linear_fwd(x, weight, b, None, r, out=out, config=config, layer_norm=(norm_weight, norm_bias, 1e-12))
     assert [name for name, _ in launches] == ["_linear_kernel"]
     assert_close(y, _layer_norm_reference(x, weight, b, r, norm_weight, norm_bias, 1e-12), dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("with_norm", [True, False], ids=["reduce_and_norm", "reduce"])
-def test_finish_in_launch_under_graph_replays(with_norm, dtype, device, launches, monkeypatch):
-    """bert-base's down projection at 16 rows, K split 4 ways, finished inside the launch (the last split of each
-    tile sums the partials; with the norm, the last tile of each row block normalizes) and replayed 100 times
-    from a CUDA graph on new inputs, each twice: equal bits between the two replays, and the separate kernels'
-    result within tolerance. An ordering between programs missing on the GPU (a partial or a tile read before
-    it is written; a counter not reset) shows as a wrong tile, which the interpreter, one program at a time,
-    cannot show."""
-    monkeypatch.setattr(linear_module, "REDUCE_IN_LAST_SPLIT_MAX_M", 16)
-    monkeypatch.setattr(linear_module, "NORM_BY_LAST_TILE_MAX_M", 16)
-    x, weight, b, r, norm_weight, norm_bias = _layer_norm_inputs(16, 768, 3072, "weight_bias", dtype, device)
-    config = LinearConfig(16, 32, 128, group_m=1, split_k=4)
-    norm = (norm_weight, norm_bias, 1e-12) if with_norm else None
-
-    def run():
-        return linear_fwd(x, weight, b, None if with_norm else "gelu", r, config=config, layer_norm=norm)
-
-    run()  # compiles, and creates the device's counter arena that captured launches take their counters from
-    launches.clear()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = run()
-    assert [name for name, _ in launches] == ["_linear_kernel"], "the capture did not finish inside the launch"
-    for _ in range(100):
-        x.copy_(torch.randn_like(x) + 3.0)
-        graph.replay()
-        first = y.clone()
-        graph.replay()
-        assert torch.equal(y, first), "two replays on the same inputs differ"
-        linear_module.REDUCE_IN_LAST_SPLIT_MAX_M = linear_module.NORM_BY_LAST_TILE_MAX_M = 0
-        assert_close(y, run(), dtype)
-        linear_module.REDUCE_IN_LAST_SPLIT_MAX_M = linear_module.NORM_BY_LAST_TILE_MAX_M = 16

@@ -410,16 +410,13 @@ def test_real_sizes(shape, dtype, with_residual, device):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("route", ["cublas", "split", "unsplit"])
-@pytest.mark.parametrize("in_launch", [True, False])
-def test_linear_layer_norm_routes(route, bias, in_launch, tmp_path, monkeypatch, device):
+def test_linear_layer_norm_routes(route, bias, tmp_path, monkeypatch, device):
     """The tuning cache's choice for the product decides the launches. cuBLAS: the product (bias in addmm),
     then one norm kernel that adds the residual and stores no sum. A config splitting K: the tiled kernel,
     then the reduce of the partial sums, which adds the residual and normalizes (no norm kernel). An unsplit
-    config: the residual in the tiled kernel's epilogue, then the norm kernel. On few rows (in_launch) the
-    tiled kernel does the reduce and the norm itself. All against the fp64 reference, at odd sizes."""
+    config: the residual in the tiled kernel's epilogue, then the norm kernel. All against the fp64
+    reference, at odd sizes."""
     monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
-    for limit in ("REDUCE_IN_LAST_SPLIT_MAX_M", "NORM_BY_LAST_TILE_MAX_M"):
-        monkeypatch.setattr(linear_module, limit, 16 if in_launch else 0)
     card = torch.cuda.get_device_name() if device == "cuda" else "triton-interpreter"
     x, weight = torch.randn(3, 5, 40, device=device), torch.randn(24, 40, device=device) / 6
     b = torch.randn(24, device=device) if bias else None
@@ -434,9 +431,9 @@ def test_linear_layer_norm_routes(route, bias, in_launch, tmp_path, monkeypatch,
                          (norm_module, "_layer_norm_fwd_kernel")):
         monkeypatch.setattr(module, name, LaunchRecorder(getattr(module, name), name, launches))
     out = ops.linear_layer_norm(x, weight, b, r, norm_weight, norm_bias, 1e-6)
-    separate = {"cublas": ["_layer_norm_fwd_kernel"], "split": ["_linear_kernel", "_split_k_reduce_kernel"],
-                "unsplit": ["_linear_kernel", "_layer_norm_fwd_kernel"]}[route]
-    assert [name for name, _ in launches] == (["_linear_kernel"] if in_launch and route != "cublas" else separate)
+    assert [name for name, _ in launches] == {"cublas": ["_layer_norm_fwd_kernel"],
+                        "split": ["_linear_kernel", "_split_k_reduce_kernel"],
+                        "unsplit": ["_linear_kernel", "_layer_norm_fwd_kernel"]}[route]
     h = reference.linear(x.double(), weight.double(), None if b is None else b.double(), None, r.double())
     expected, _ = reference.layer_norm(h, norm_weight.double(), norm_bias.double(), 1e-6)
     assert out.shape == (3, 5, 24)

@@ -20,10 +20,13 @@ from triton.runtime.interpreter import GridExecutor, InterpretedFunction, Interp
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from tritonize.kernels.common import interpreter_numpy_problem
+
 __all__ = ["OutOfBoundsError", "BoundsCheck", "bounds_checked"]
 
 _SHOWN_OFFSETS = 8  # offending offsets listed in the message (all of them are on the exception)
 _ACTIVE = threading.Lock()  # one bounds_checked() block at a time: the hooks are process-wide
+_NUMPY_SCALAR_ERROR = "only 0-dimensional arrays can be converted"  # how numpy >= 2.4 breaks the interpreter
 
 
 class OutOfBoundsError(RuntimeError):
@@ -133,9 +136,11 @@ class _Checker:
                 cause: BaseException | None = err
                 while cause is not None and not isinstance(cause, OutOfBoundsError):
                     cause = cause.__cause__
-                if cause is None:
-                    raise
-                raise cause from None
+                if cause is not None:
+                    raise cause from None
+                if _NUMPY_SCALAR_ERROR in str(err) and (problem := interpreter_numpy_problem()) is not None:
+                    raise RuntimeError(f"bounds_checked: {problem}") from err
+                raise
 
         return call
 

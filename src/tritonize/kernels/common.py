@@ -4,7 +4,9 @@ Must never import torch.fx, Dynamo or transformers.
 """
 
 import functools
+import warnings
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -12,6 +14,21 @@ import triton.language as tl
 # Decided once, at import: `triton.jit` returns interpreted functions when TRITON_INTERPRET=1 was set
 # before the kernels were decorated, and they then run on CPU tensors (how CI tests every kernel).
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+
+def interpreter_numpy_problem() -> str | None:
+    """Why Triton's interpreter cannot run our kernels with the installed numpy, or None: Triton 3.6's
+    interpreter fails on any loop whose bound is a runtime argument under numpy >= 2.4 ("only 0-dimensional
+    arrays can be converted to Python scalars")."""
+    numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2])
+    if triton.__version__.startswith("3.6.") and numpy_version >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails on loops with runtime bounds under numpy "
+                f"{numpy.__version__}; install numpy<2.4 to run the kernels interpreted")
+    return None
+
+
+if INTERPRETED and interpreter_numpy_problem() is not None:
+    warnings.warn(f"TRITON_INTERPRET=1: {interpreter_numpy_problem()}", RuntimeWarning, stacklevel=2)
 
 # Triton 3.6's interpreter multiplies bfloat16 tiles wrongly in tl.dot and truncates fp32 -> bf16 casts
 # instead of rounding to nearest even; `dot` and `cast` correct both so CPU tests stay faithful to the GPU.

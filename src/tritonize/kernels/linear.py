@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 
 import torch
 import triton
@@ -44,23 +43,6 @@ MAX_FUSED_NORM_COLS = 8192
 # ab-prefetch-prologue-bert-base-*.json): 1 x 16 0.341 vs 0.354 ms, 1 x 128 0.422 vs 0.443 ms, but 1 x 512
 # 0.695 vs 0.637 ms and 8 x 128 0.835 vs 0.764 ms, where many row blocks prefetch the same weight columns.
 PREFETCH_WEIGHT_MAX_M = 128
-# On few rows the epilogue's finishing work runs inside the product's launch, saving a dependent launch:
-# with a K split, on at most REDUCE_IN_LAST_SPLIT_MAX_M rows, the last split of each tile to finish sums
-# the partials (instead of the reduce kernel); a layer norm (linear_layer_norm_fwd), on at most
-# NORM_BY_LAST_TILE_MAX_M rows without a split, is done by the last program of each row block.
-# Both are off (0) until a GPU has run them: the interpreter runs programs one after another, so it never
-# tests the ordering between programs (release-acquire arrival counts) that they rely on. What decides
-# their limits: the `gpu` tests of tests/test_linear.py and `benchmarks/ab_encoder_graphs.py finish-in-launch`.
-REDUCE_IN_LAST_SPLIT_MAX_M = 0
-NORM_BY_LAST_TILE_MAX_M = 0
-NORM_ELEMENTS_PER_STEP = 4096  # the last program normalizes rows in chunks of about this many elements
-# Every launch normalizing by last tile needs int32 counters that start at zero (the kernel leaves them
-# zero). Eager launches take fresh zeros; a launch captured into a CUDA graph takes a slice of a per-device
-# arena zeroed once, never handed out again, so graphs replayed concurrently on other streams never share a
-# counter. A capture that finds the arena missing or full runs the product and a norm kernel instead.
-TILE_COUNTER_ARENA = 1 << 16
-_counter_arenas: dict[torch.device, list] = {}  # device -> [arena, counters handed out]
-_counter_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,39 +195,12 @@ def _prefetch_weight_slice(W_ptr, rows, w_row_stride, k_start, k_end, BLOCK_K: t
 
 
 @triton.jit
-def _normalize_rows_last(
-    Y_ptr, NW_ptr, NB_ptr, Count_ptr, pid_m, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_ROWS: tl.constexpr,
-):  # fmt: skip
-    """Called by every program of row block pid_m once its tile of Y is stored: the last of them to arrive
-    layer-normalizes the block's rows of Y in place (their sums as stored, as layer_norm_fwd would read
-    them) and sets the block's counter back to zero for the next launch.
-
-    The arrival count is the classic last-block pattern: a CTA barrier orders every thread's stores before
-    one release-acquire atomic at GPU scope, and the last program reads the other programs' tiles from L2
-    (`.cg`), never from a stale L1 line."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(Count_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.cdiv(N, BLOCK_N) - 1:
-        tl.store(Count_ptr + pid_m, 0)
-        cols = tl.arange(0, NORM_BLOCK)[None, :]
-        for first in tl.static_range(0, BLOCK_M, NORM_ROWS):
-            rows = (pid_m * BLOCK_M + first + tl.arange(0, NORM_ROWS)).to(tl.int64)[:, None]
-            mask = (rows < M) & (cols < N)
-            h = tl.load(Y_ptr + rows * N + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            y = layer_norm_rows(h, cols, mask, N, eps, NW_ptr, NB_ptr, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
-            tl.store(Y_ptr + rows * N + cols, cast(y, Y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _linear_kernel(
-    X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, Partial_ptr, NW_ptr, NB_ptr, Count_ptr, M, N, K, k_split_size,
-    x_row_stride, x_col_stride, w_row_stride, w_col_stride, r_row_stride, r_col_stride, eps,
+    X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, Partial_ptr, M, N, K, k_split_size,
+    x_row_stride, x_col_stride, w_row_stride, w_col_stride, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_WEIGHT: tl.constexpr,
-    REDUCE_IN_LAST_SPLIT: tl.constexpr, LAYER_NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
-    HAS_NORM_BIAS: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_ROWS: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of x @ weight^T over the K range [pid_k * k_split_size, +k_split_size).
 
@@ -258,13 +213,6 @@ def _linear_kernel(
     programmatic dependent launch (common.py). PREFETCH_WEIGHT (with PDL; weight K-contiguous): the
     program's weight slice is prefetched into L2 before waiting for the previous kernel, which the weight
     never depends on, so its trip from HBM overlaps that kernel.
-    REDUCE_IN_LAST_SPLIT (SPLIT_K > 1): instead of _split_k_reduce_kernel, the last split of each tile to
-    finish sums the tile's partials in split order and applies the epilogue (Count_ptr: int32, one counter
-    per tile, then, with LAYER_NORM, one per row block; zero on entry and left zero).
-    LAYER_NORM (SPLIT_K == 1 or REDUCE_IN_LAST_SPLIT): the last program to finish a row block layer-normalizes
-    its rows of Y in place (`_normalize_rows_last`: eps; NW_ptr, NB_ptr as in _split_k_reduce_kernel;
-    Count_ptr: without a split, int32 [cdiv(M, BLOCK_M)], zero on entry and left zero; NORM_BLOCK >= N;
-    NORM_ROWS rows at a time).
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -300,29 +248,10 @@ def _linear_kernel(
             acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
             HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
         )  # fmt: skip
-        if LAYER_NORM:
-            _normalize_rows_last(Y_ptr, NW_ptr, NB_ptr, Count_ptr, pid_m, M, N, eps, BLOCK_M, BLOCK_N,
-                                 HAS_NORM_WEIGHT, HAS_NORM_BIAS, NORM_BLOCK, NORM_ROWS)
     else:
         rows, cols = offs_m.to(tl.int64)[:, None], offs_n[None, :]
-        mask = (rows < M) & (cols < N)
-        tl.store(Partial_ptr + (pid_k * M + rows) * N + cols, acc, mask=mask)
-        if REDUCE_IN_LAST_SPLIT:  # the last split of this tile to finish sums the partials, as the reduce would
-            tl.debug_barrier()
-            arrived = tl.atomic_add(Count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                tl.store(Count_ptr + tl.program_id(0), 0)
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for split in range(SPLIT_K):
-                    total += tl.load(Partial_ptr + (split * M + rows) * N + cols, mask=mask, other=0.0,
-                                     cache_modifier=".cg")
-                _epilogue(
-                    total, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
-                    HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
-                )  # fmt: skip
-                if LAYER_NORM:
-                    _normalize_rows_last(Y_ptr, NW_ptr, NB_ptr, Count_ptr + tl.num_programs(0), pid_m, M, N, eps,
-                                         BLOCK_M, BLOCK_N, HAS_NORM_WEIGHT, HAS_NORM_BIAS, NORM_BLOCK, NORM_ROWS)
+        partial_ptrs = Partial_ptr + (pid_k * M + rows) * N + cols
+        tl.store(partial_ptrs, acc, mask=(rows < M) & (cols < N))
 
 
 @triton.jit
@@ -559,11 +488,8 @@ def linear_fwd(
     x: [M, K]; weight: [N, K]; bias: [N]; residual: [M, N]; any strides (validated by tritonize.ops).
     out: an optional contiguous [M, N] buffer to write. config: overrides the shape heuristic; a
     persistent config runs the tiled pointer kernel where x or weight cannot be read through TMA.
-    layer_norm: (weight, bias, eps), contiguous [N] or None each, on rows of at most MAX_FUSED_NORM_COLS
-    columns: the result is layer-normalized (`linear_layer_norm_fwd`).
-    Where the config splits K, the partial sums are reduced (and normalized) by the reduce kernel or, on at
-    most REDUCE_IN_LAST_SPLIT_MAX_M rows, inside the product's launch by the last split of each tile; without
-    a split, a norm runs in the launch on at most NORM_BY_LAST_TILE_MAX_M rows, else in a norm kernel after it.
+    layer_norm: (weight, bias, eps), contiguous [N] or None each: the result is layer-normalized in the
+    split-K reduce (`linear_layer_norm_fwd`; the config must split K and N <= MAX_FUSED_NORM_COLS).
     """
     (M, K), N = x.shape, weight.shape[0]
     if out is None:
@@ -571,22 +497,15 @@ def linear_fwd(
     if M == 0:
         return out
     config = config or _pick_config(M, N, K, x.dtype, x.device)
-    if layer_norm is not None and N > MAX_FUSED_NORM_COLS:
-        raise ValueError(f"linear_fwd layer-normalizes rows of at most {MAX_FUSED_NORM_COLS} columns, got N={N}")
-    in_launch_rows = REDUCE_IN_LAST_SPLIT_MAX_M if config.split_k > 1 else NORM_BY_LAST_TILE_MAX_M
-    counters = None
-    if (config.split_k > 1 or layer_norm is not None) and in_launch_rows >= M:
-        counters = tile_counters(x.device, _counters_needed(config, M, N, layer_norm is not None))
-    if layer_norm is not None and config.split_k == 1 and counters is None:  # a norm kernel after the product
-        product = linear_fwd(x, weight, bias, activation, residual, config=config)
-        return layer_norm_fwd(product, *layer_norm, out=out)[0]
+    if layer_norm is not None and not _norm_fits_the_reduce(config, N):
+        raise ValueError(f"linear_fwd applies a layer norm only in a split-K reduce of rows of at most "
+                         f"{MAX_FUSED_NORM_COLS} columns, got split_k={config.split_k}, N={N}")
     bias = None if bias is None else bias.contiguous()
     res_strides = (0, 0) if residual is None else residual.stride()
     flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RESIDUAL=residual is not None)
     precision, pdl = dot_precision(x.dtype), pdl_supported(x.device)
     sm_count, _, has_tma = _device_limits(x.device)
-    if (config.persistent and layer_norm is None and has_tma and _tma_compatible(x)
-            and _tma_compatible(weight)):
+    if config.persistent and has_tma and _tma_compatible(x) and _tma_compatible(weight):
         x_desc = TensorDescriptor.from_tensor(x, [config.block_m, config.block_k])
         w_desc = TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k])
         programs = sm_count * config.programs_per_sm
@@ -602,51 +521,18 @@ def linear_fwd(
         partial = torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
     k_split_size = triton.cdiv(triton.cdiv(K, config.split_k), config.block_k) * config.block_k
     grid = (_num_tiles(config, M, N), config.split_k)
-    norm_in_launch = layer_norm is not None and counters is not None
-    norm_weight, norm_bias, eps = layer_norm if norm_in_launch else (None, None, 0.0)
-    norm_block = triton.next_power_of_2(N)
     _linear_kernel[grid](
-        x, weight, bias, residual, out, partial, norm_weight, norm_bias, counters, M, N, K, k_split_size,
-        *x.stride(), *weight.stride(), *res_strides, float(eps),
+        x, weight, bias, residual, out, partial, M, N, K, k_split_size,
+        *x.stride(), *weight.stride(), *res_strides,
         **flags, SPLIT_K=config.split_k, INPUT_PRECISION=precision, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         EVEN_K=K % (config.block_k * config.split_k) == 0, PDL=pdl,
         PREFETCH_WEIGHT=pdl and weight.stride(1) == 1 and M <= PREFETCH_WEIGHT_MAX_M,
-        REDUCE_IN_LAST_SPLIT=config.split_k > 1 and counters is not None, LAYER_NORM=norm_in_launch,
-        HAS_NORM_WEIGHT=norm_weight is not None, HAS_NORM_BIAS=norm_bias is not None, NORM_BLOCK=norm_block,
-        NORM_ROWS=min(config.block_m, max(1, NORM_ELEMENTS_PER_STEP // norm_block)),
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )  # fmt: skip
-    if config.split_k > 1 and counters is None:
+    if config.split_k > 1:
         _reduce_and_epilogue(partial, bias, activation, residual, out, config.split_k, layer_norm)
     return out
-
-
-def _counters_needed(config: LinearConfig, M: int, N: int, layer_norm: bool) -> int:
-    """Arrival counters of a launch reducing or normalizing inside it: one per tile where K is split, then one
-    per row block for a norm."""
-    row_blocks = triton.cdiv(M, config.block_m)
-    return (_num_tiles(config, M, N) if config.split_k > 1 else 0) + (row_blocks if layer_norm else 0)
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def tile_counters(device: torch.device, count: int) -> torch.Tensor | None:
-    """count zeroed int32 counters for one launch that reduces or normalizes inside it (see TILE_COUNTER_ARENA),
-    or None inside a CUDA-graph capture when the device's arena is missing (no eager launch came first) or full."""
-    capturing = _capturing(device)
-    with _counter_lock:
-        arena = _counter_arenas.get(device)
-        if not capturing:
-            if arena is None:
-                _counter_arenas[device] = [torch.zeros(TILE_COUNTER_ARENA, dtype=torch.int32, device=device), 0]
-            return torch.zeros(count, dtype=torch.int32, device=device)
-        if arena is None or arena[1] + count > TILE_COUNTER_ARENA:
-            return None
-        arena[1] += count
-        return arena[0][arena[1] - count:arena[1]]
 
 
 def _reduce_and_epilogue(partial, bias, activation, residual, out, split_k: int, layer_norm=None) -> None:
@@ -671,6 +557,12 @@ def _reduce_and_epilogue(partial, bias, activation, residual, out, split_k: int,
     )  # fmt: skip
 
 
+def _norm_fits_the_reduce(config: LinearConfig, N: int) -> bool:
+    """Whether linear_fwd can layer-normalize in this config's split-K reduce: K is split (so a reduce kernel
+    runs) and one program can hold rows of N columns."""
+    return config.split_k > 1 and N <= MAX_FUSED_NORM_COLS
+
+
 def linear_layer_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -684,13 +576,14 @@ def linear_layer_norm_fwd(
     """layer_norm(x @ weight^T + bias + residual) as a contiguous [M, N] tensor in x's dtype; the sum is
     rounded to x's dtype before the norm, as if stored (the numerics of linear_fwd then layer_norm_fwd).
 
-    Where rows have at most MAX_FUSED_NORM_COLS columns, the norm joins the product's launches (linear_fwd):
-    with a K split (few output tiles: decode and short sequences) in the reduce of the partial sums (the
-    reduce kernel, or the last split of each tile), without one by the last program of each row block on at
-    most NORM_BY_LAST_TILE_MAX_M rows; otherwise linear_fwd then layer_norm_fwd. Operands as in linear_fwd
-    and layer_norm_fwd; config overrides the shape heuristic.
+    Where the config splits K (few output tiles: decode and short sequences) and rows have at most
+    MAX_FUSED_NORM_COLS columns, the split-K reduce kernel applies the epilogue and the norm, one launch
+    instead of two; otherwise linear_fwd then layer_norm_fwd. Operands as in linear_fwd and layer_norm_fwd;
+    config overrides the shape heuristic.
     """
-    if weight.shape[0] > MAX_FUSED_NORM_COLS:
+    (M, K), N = x.shape, weight.shape[0]
+    config = config or _pick_config(M, N, K, x.dtype, x.device)
+    if not _norm_fits_the_reduce(config, N):
         product = linear_fwd(x, weight, bias, None, residual, config=config)
         return layer_norm_fwd(product, norm_weight, norm_bias, eps)[0]
     norm = (None if norm_weight is None else norm_weight.contiguous(),
