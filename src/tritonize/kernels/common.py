@@ -4,6 +4,7 @@ Must never import torch.fx, Dynamo or transformers.
 """
 
 import functools
+import re
 import warnings
 
 import numpy
@@ -20,7 +21,8 @@ def interpreter_numpy_problem() -> str | None:
     """Why Triton's interpreter cannot run our kernels with the installed numpy, or None: Triton 3.6's
     interpreter fails on any loop whose bound is a runtime argument under numpy >= 2.4 ("only 0-dimensional
     arrays can be converted to Python scalars")."""
-    numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2])
+    major_minor = re.match(r"(\d+)\.(\d+)", numpy.__version__)
+    numpy_version = tuple(map(int, major_minor.groups())) if major_minor else (0, 0)
     if triton.__version__.startswith("3.6.") and numpy_version >= (2, 4):
         return (f"Triton {triton.__version__}'s interpreter fails on loops with runtime bounds under numpy "
                 f"{numpy.__version__}; install numpy<2.4 to run the kernels interpreted")
