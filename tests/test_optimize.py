@@ -8,6 +8,7 @@ from helpers import assert_close
 import tritonize
 import tritonize.ops
 from tritonize.bench.models import minilm_path
+from tritonize.runtime import backend as backend_module
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
             max_position_embeddings=64)
@@ -56,6 +57,27 @@ def test_encoders_match_eager_with_padding(family, device):
     assert found.replaced["embedding_layer_norm"] == 1
     assert not found.fallbacks, found.fallbacks
     assert "| linear |" in str(found)
+
+
+def test_bert_forward_keeps_no_token_type_gather_nor_mask_conversion(device, monkeypatch):
+    """HF BERT without token_type_ids gathers its token types from a buffer through the position ids, and
+    converts the int64 attention_mask to bool: both leave the optimized graphs (the embeddings kernel reads
+    the buffer, the attention kernel the integer mask), one small kernel each per forward."""
+    graphs, run_passes = [], backend_module.run_passes
+
+    def keep_rewritten(gm, *args, **kwargs):
+        run_passes(gm, *args, **kwargs)
+        graphs.append(gm)
+
+    monkeypatch.setattr(backend_module, "run_passes", keep_rewritten)
+    reference, model = model_pair("bert", device)
+    tritonize.optimize_model(model)
+    ids, mask = padded_batch(device)
+    with torch.inference_mode():
+        got, want = model(input_ids=ids, attention_mask=mask), reference(input_ids=ids, attention_mask=mask)
+    assert_close(got.last_hidden_state[mask.bool()], want.last_hidden_state[mask.bool()], torch.float32, scale=10)
+    calls = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert graphs and not [c for c in calls if "gather" in c or c == "to"]
 
 
 def test_buckets_cover_many_lengths_without_recompiling(device):
