@@ -59,10 +59,11 @@ def test_encoders_match_eager_with_padding(family, device):
     assert "| linear |" in str(found)
 
 
-def test_bert_forward_keeps_no_token_type_gather_nor_mask_conversion(device, monkeypatch):
-    """HF BERT without token_type_ids gathers its token types from a buffer through the position ids, and
-    converts the int64 attention_mask to bool: both leave the optimized graphs (the embeddings kernel reads
-    the buffer, the attention kernel the integer mask), one small kernel each per forward."""
+def test_bert_embeddings_read_the_token_type_buffer_without_a_gather(device, monkeypatch):
+    """HF BERT without token_type_ids gathers its token types from a buffer through the position ids: in the
+    optimized embeddings region the kernel reads the buffer itself, so no gather is left (one small kernel
+    per forward). The mask's int64 -> bool conversion is not in any compiled region here: HF makes it in the
+    top-level forward, which runs uncompiled inside the CUDA graph (regional compilation)."""
     graphs, run_passes = [], backend_module.run_passes
 
     def keep_rewritten(gm, *args, **kwargs):
@@ -77,7 +78,7 @@ def test_bert_forward_keeps_no_token_type_gather_nor_mask_conversion(device, mon
         got, want = model(input_ids=ids, attention_mask=mask), reference(input_ids=ids, attention_mask=mask)
     assert_close(got.last_hidden_state[mask.bool()], want.last_hidden_state[mask.bool()], torch.float32, scale=10)
     calls = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
-    assert graphs and not [c for c in calls if "gather" in c or c == "to"]
+    assert any("embedding_layer_norm" in c for c in calls) and not [c for c in calls if "gather" in c]
 
 
 def test_buckets_cover_many_lengths_without_recompiling(device):
