@@ -29,8 +29,8 @@ def interpreter_numpy_problem() -> str | None:
     return None
 
 
-if INTERPRETED and interpreter_numpy_problem() is not None:
-    warnings.warn(f"TRITON_INTERPRET=1: {interpreter_numpy_problem()}", RuntimeWarning, stacklevel=2)
+if INTERPRETED and (_problem := interpreter_numpy_problem()) is not None:
+    warnings.warn(f"TRITON_INTERPRET=1: {_problem}", RuntimeWarning, stacklevel=2)
 
 # Triton 3.6's interpreter multiplies bfloat16 tiles wrongly in tl.dot and truncates fp32 -> bf16 casts
 # instead of rounding to nearest even; `dot` and `cast` correct both so CPU tests stay faithful to the GPU.

@@ -139,7 +139,7 @@ def embedding_layer_norm(node: fx.Node) -> bool:
         return False
     x_value, weight, bias, eps = _layer_norm_operands(node)
     check(len(lookups) <= 3, f"{len(lookups)} embeddings are summed; the kernel takes 2 or 3")
-    ids, tables, id_maps = [], [], []
+    ids, id_maps = [], []
     for i, (ids_i, table) in enumerate(lookups):
         ids_value, table_value = fake(ids_i), check_tensor(f"tables[{i}]", table)
         check(isinstance(ids_value, torch.Tensor) and ids_value.dtype in (torch.int32, torch.int64)
@@ -149,17 +149,15 @@ def embedding_layer_norm(node: fx.Node) -> bool:
         check(table_value.device == x_value.device, f"table {i} is on {table_value.device}, x on {x_value.device}")
         through_map = _read_through_map(ids_i)
         others = [fake(other) for other in ids] + [fake(later) for later, _ in lookups[i + 1:]]  # as the op reads them
-        if through_map is not None and _broadcast_kept(ids_value, fake(through_map[0]), others):
-            index, id_map = through_map
-            check(fake(id_map).device == x_value.device, f"ids[{i}] are read from a buffer on another device")
-            ids_i = index
+        if (through_map is not None and fake(through_map[1]).device == x_value.device
+                and _broadcast_kept(ids_value, fake(through_map[0]), others)):
+            ids_i, id_map = through_map
         else:
             id_map = None
         ids.append(ids_i)
-        tables.append(table)
         id_maps.append(id_map)
     maps = {"id_maps": id_maps} if any(m is not None for m in id_maps) else {}
-    replace(node, ops.embedding_layer_norm, ids, tables, weight, bias, eps, **maps)
+    replace(node, ops.embedding_layer_norm, ids, [table for _, table in lookups], weight, bias, eps, **maps)
     return True
 
 
