@@ -184,11 +184,42 @@ def test_embedding_layer_norm_reads_ids_through_a_map(device):
     assert bad[:, [1, seq - 1]].all() and bad.sum() == 2 * batch and not torch.isnan(y[~bad]).any()
 
 
+def _hf_roberta_positions(token_ids, padding_idx, past_length):
+    """HF RoBERTa's create_position_ids_from_input_ids, as written there (the kernel's spec)."""
+    mask = token_ids.ne(padding_idx).int()
+    return ((torch.cumsum(mask, dim=1).type_as(mask) + past_length) * mask).long() + padding_idx
+
+
+@pytest.mark.parametrize("batch, seq, past_length, padding_idx", [(3, 11, 0, 1), (2, 300, 3, 0), (1, 1, 0, 1)])
+def test_embedding_layer_norm_counts_positions_past_padding(batch, seq, past_length, padding_idx, device):
+    """Lookups without ids read each token's position counted past padding in the token ids (RoBERTa's position
+    ids, here also through a token-type map as HF RoBERTa reads its types): padding anywhere in a row (left,
+    inside, right), rows longer than one BLOCK_SEQ step, against fp64 into a NaN-poisoned output."""
+    hidden = 24
+    tokens = torch.randint(0, 5, (batch, seq), device=device)  # padding_idx is among them: pads inside rows too
+    tokens[0, -min(3, seq - 1):] = padding_idx if seq > 1 else tokens[0, -1:]
+    if batch > 1:
+        tokens[1, :2] = padding_idx  # left padding
+    tables = [torch.randn(rows, hidden, device=device) for rows in (5, 3, seq + past_length + padding_idx + 1)]
+    type_map = torch.randint(0, 3, (1, tables[2].shape[0]), device=device)
+    weight, bias = torch.randn(hidden, device=device), torch.randn(hidden, device=device)
+    out = poisoned((batch, seq, hidden), torch.float32, device)
+    y = norm_module.embedding_layer_norm_fwd([tokens, None, None], tables, weight, bias, 1e-12, out=out,
+                                             id_maps=[None, type_map, None], positions_from=tokens.to(torch.int32),
+                                             padding_idx=padding_idx, past_length=past_length)
+    positions = _hf_roberta_positions(tokens, padding_idx, past_length)
+    assert torch.equal(reference.counted_positions(tokens, padding_idx, past_length), positions)
+    expected = _embedding_reference([tokens, type_map[0, positions], positions], tables, weight, bias, 1e-12)
+    assert y is out
+    assert_close(y, expected, torch.float32)
+
+
 def test_embedding_layer_norm_compiles_for_sm90_and_waits_first():
     types = {name: "*fp16" for name in ("T0_ptr", "T1_ptr", "T2_ptr", "Y_ptr", "W_ptr", "B_ptr")}
-    types.update({name: "*i64" for name in ("Ids0_ptr", "Ids1_ptr", "Ids2_ptr", "Map0_ptr", "Map1_ptr", "Map2_ptr")},
-                 eps="fp32")
-    constexprs = dict(NUM_TABLES=3, HAS_MAP0=False, HAS_MAP1=True, HAS_MAP2=False, HAS_WEIGHT=True, HAS_BIAS=True,
+    types.update({name: "*i64" for name in ("Ids0_ptr", "Ids1_ptr", "Ids2_ptr", "Map0_ptr", "Map1_ptr", "Map2_ptr",
+                                            "Src_ptr")}, eps="fp32")
+    constexprs = dict(NUM_TABLES=3, HAS_MAP0=False, HAS_MAP1=True, HAS_MAP2=False, POSITIONS0=False, POSITIONS1=True,
+                      POSITIONS2=True, BLOCK_SEQ=norm_module.BLOCK_SEQ, HAS_WEIGHT=True, HAS_BIAS=True,
                       ROWS_PER_PROGRAM=2, BLOCK_SIZE=1024, PDL=True)
     assert_pdl_waits_first(sm90_ptx("tritonize.kernels.norm", "_embedding_layer_norm_kernel", types, constexprs))
 
@@ -215,6 +246,18 @@ def test_ops_embedding_layer_norm_checks_its_operands(device):
         ops.embedding_layer_norm([ids, ids], [table, table], None, None, id_maps=[None, ids])
     with pytest.raises(ValueError, match=r"id_maps\[0\] must be an int32 or int64"):
         ops.embedding_layer_norm([ids, ids], [table, table], None, None, id_maps=[ids[0].float(), None])
+    counted = ops.embedding_layer_norm([ids, None], [table, table], None, None, positions_from=ids + 3, padding_idx=3)
+    assert_close(counted, _embedding_reference([ids, ids + 3], [table, table], None, None, 1e-5), torch.float32)
+    with pytest.raises(ValueError, match="exactly when positions_from is given; got 1 None entries and positions_fr"):
+        ops.embedding_layer_norm([ids, None], [table, table], None, None)
+    with pytest.raises(ValueError, match="got 0 None entries and positions_from given"):
+        ops.embedding_layer_norm([ids, ids], [table, table], None, None, positions_from=ids)
+    with pytest.raises(TypeError, match="positions_from must be int32 or int64"):
+        ops.embedding_layer_norm([ids, None], [table, table], None, None, positions_from=ids.float())
+    with pytest.raises(ValueError, match="past_length must be >= 0"):
+        ops.embedding_layer_norm([ids, None], [table, table], None, None, positions_from=ids, past_length=-1)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        ops.embedding_layer_norm([ids, None], [table, table], None, None, positions_from=ids[:, :3])
 
 
 def test_kernel_writes_no_sum_without_store_sum(device):

@@ -81,6 +81,31 @@ def test_bert_embeddings_read_the_token_type_buffer_without_a_gather(device, mon
     assert any("embedding_layer_norm" in c for c in calls) and not [c for c in calls if "gather" in c]
 
 
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta"])
+def test_roberta_positions_are_counted_by_the_embeddings_kernel(family, device, monkeypatch):
+    """RoBERTa-style models number their positions past the padding tokens with ~8 small PyTorch ops (ne, cumsum,
+    casts, add, mul); in the optimized embeddings region the kernel counts them itself, so none is left, and
+    left-padded rows (where the count matters) give eager's result."""
+    graphs, run_passes = [], backend_module.run_passes
+
+    def keep_rewritten(gm, *args, **kwargs):
+        run_passes(gm, *args, **kwargs)
+        graphs.append(gm)
+
+    monkeypatch.setattr(backend_module, "run_passes", keep_rewritten)
+    reference, model = model_pair(family, device)
+    tritonize.optimize_model(model)
+    ids, mask = padded_batch(device)
+    ids, mask = ids.flip(-1), mask.flip(-1)  # left padding
+    ids[mask == 0] = model.config.pad_token_id
+    with torch.inference_mode():
+        got, want = model(input_ids=ids, attention_mask=mask), reference(input_ids=ids, attention_mask=mask)
+    assert_close(got.last_hidden_state[mask.bool()], want.last_hidden_state[mask.bool()], torch.float32, scale=10)
+    calls = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert any("embedding_layer_norm" in c for c in calls)
+    assert not [c for c in calls if c in ("ne", "cumsum", "gather") or "cumsum" in c or "gather" in c]
+
+
 def test_buckets_cover_many_lengths_without_recompiling(device):
     reference, model = model_pair("bert", device)
     tritonize.optimize_model(model)

@@ -304,6 +304,46 @@ def test_token_types_gathered_from_a_buffer_are_read_by_the_kernel(words_looked_
     assert [m is not None for m in call_kwargs["id_maps"]] == mapped
 
 
+class CountedPositions(nn.Module):
+    """HF RoBERTa's embeddings: positions numbered past the padding (create_position_ids_from_input_ids, with
+    `past_length`), the token types read from a buffer through them. `variant` breaks the formula: "other_pad"
+    compares with another id than the one added, "batch_dim" counts along the batch."""
+
+    def __init__(self, past_length: int = 0, variant: str = "hf") -> None:
+        super().__init__()
+        self.past_length, self.variant, self.padding_idx = past_length, variant, 1
+        self.words, self.types, self.positions = nn.Embedding(30, 16), nn.Embedding(3, 16), nn.Embedding(40, 16)
+        self.norm = nn.LayerNorm(16, eps=1e-12)
+        self.register_buffer("token_type_ids", torch.randint(0, 3, (1, 40)), persistent=False)
+
+    def forward(self, ids):
+        mask = ids.ne(self.padding_idx if self.variant != "other_pad" else 2).int()
+        dim = 0 if self.variant == "batch_dim" else 1
+        position_ids = ((torch.cumsum(mask, dim=dim).type_as(mask) + self.past_length) * mask).long() + self.padding_idx
+        types = torch.gather(self.token_type_ids.expand(ids.shape[0], -1), dim=1, index=position_ids)
+        return self.norm(self.words(ids) + self.types(types) + self.positions(position_ids))
+
+
+@pytest.mark.parametrize("past_length, variant, counted", [(0, "hf", True), (3, "hf", True), (0, "other_pad", False),
+                                                           (0, "batch_dim", False)])
+def test_positions_counted_past_padding_are_counted_by_the_kernel(past_length, variant, counted, device):
+    """RoBERTa's position ids (ne, int, cumsum, type_as, add, mul, long, add: PyTorch kernels of their own) leave
+    the graph: ops.embedding_layer_norm counts them from the token ids, padded rows included; a formula that
+    differs stays in the graph, and the result is eager's either way."""
+    model = CountedPositions(past_length, variant).to(device).eval()
+    ids = torch.randint(0, 30, (3, 9), device=device)
+    ids[0, -3:], ids[1, :2], ids[2, 4] = 1, 1, 1  # right, left and inner padding
+    out, expected, report, graphs = _compile(model, ids, context=torch.no_grad)
+    assert_close(out, expected)
+    assert [name for name, _ in _ops_calls(graphs)] == ["embedding_layer_norm"] and not report.fallbacks
+    ((_, call_kwargs),) = _ops_calls(graphs)
+    assert ("positions_from" in call_kwargs) == counted
+    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
+    assert any("cumsum" in t for t in targets) != counted
+    if counted:
+        assert (call_kwargs["padding_idx"], call_kwargs["past_length"]) == (1, past_length)
+
+
 @pytest.mark.parametrize("activation, pre_norm, joined", [(False, False, True), (True, False, False),
                                                           (False, True, False)])
 def test_linear_joins_the_layer_norm_that_alone_reads_it(activation, pre_norm, joined, device):

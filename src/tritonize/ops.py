@@ -486,32 +486,38 @@ def linear_layer_norm(
 
 @torch.library.custom_op("tritonize::embedding_layer_norm", mutates_args=())
 def _embedding_layer_norm_op(
-    ids: list[torch.Tensor],
+    ids: list[torch.Tensor | None],
     tables: list[torch.Tensor],
     norm_weight: torch.Tensor | None,
     norm_bias: torch.Tensor | None,
     eps: float,
     id_maps: list[torch.Tensor | None],
+    positions_from: torch.Tensor | None,
+    padding_idx: int,
+    past_length: int,
 ) -> torch.Tensor:
-    if _runs_triton(tables[0]):
-        return embedding_layer_norm_fwd(ids, tables, norm_weight, norm_bias, eps, id_maps=id_maps)
-    return reference.embedding_layer_norm(ids, tables, norm_weight, norm_bias, eps, id_maps)
+    fn = embedding_layer_norm_fwd if _runs_triton(tables[0]) else reference.embedding_layer_norm
+    return fn(ids, tables, norm_weight, norm_bias, eps, id_maps=id_maps, positions_from=positions_from,
+              padding_idx=padding_idx, past_length=past_length)
 
 
 @_embedding_layer_norm_op.register_fake
-def _(ids, tables, norm_weight, norm_bias, eps, id_maps):
-    shape = torch.broadcast_shapes(*(i.shape for i in ids))
+def _(ids, tables, norm_weight, norm_bias, eps, id_maps, positions_from, padding_idx, past_length):
+    shape = torch.broadcast_shapes(*(i.shape for i in [*ids, positions_from] if i is not None))
     return tables[0].new_empty((*shape, tables[0].shape[1]))
 
 
 def embedding_layer_norm(
-    ids: Sequence[torch.Tensor],
+    ids: Sequence[torch.Tensor | None],
     tables: Sequence[torch.Tensor],
     norm_weight: torch.Tensor | None,
     norm_bias: torch.Tensor | None,
     eps: float = 1e-5,
     *,
     id_maps: Sequence[torch.Tensor | None] | None = None,
+    positions_from: torch.Tensor | None = None,
+    padding_idx: int = 0,
+    past_length: int = 0,
 ) -> torch.Tensor:
     """layer_norm(tables[0][ids[0]] + tables[1][ids[1]] (+ tables[2][ids[2]])) in one kernel: an encoder's
     embedding block (BERT: word, token-type and position embeddings, summed in that order, then LayerNorm).
@@ -520,9 +526,12 @@ def embedding_layer_norm(
     each, one float dtype and device, the last dim contiguous; norm_weight, norm_bias: [hidden] or None. The
     sums are rounded to the tables' dtype as eager adds store them. id_maps: None, or one entry per lookup,
     None or an integer tensor [n] or [1, n] that the ids index first: the row of tables[i] is then
-    id_maps[i][ids[i]] (BERT's token types: a buffer read through the position ids). An id outside its table
-    or map gives a row of NaN on the kernel path (eager PyTorch raises a device-side assert there) and an
-    IndexError on CPU.
+    id_maps[i][ids[i]] (BERT's token types: a buffer read through the position ids). positions_from: integer
+    token ids ([batch, seq] or [seq]); an ids entry None then reads each token's position counted past padding
+    (RoBERTa's position ids, `reference.counted_positions`): padding_idx for a padding_idx token, else
+    padding_idx + past_length + the number of tokens other than padding_idx up to and including it in its row.
+    An id outside its table or map gives a row of NaN on the kernel path (eager PyTorch raises a device-side
+    assert there) and an IndexError on CPU.
     """
     if not 2 <= len(ids) == len(tables) <= 3:
         raise ValueError(f"embedding_layer_norm takes 2 or 3 (ids, table) pairs, got {len(ids)} ids and "
@@ -530,10 +539,24 @@ def embedding_layer_norm(
     id_maps = list(id_maps) if id_maps is not None else [None] * len(ids)
     if len(id_maps) != len(ids):
         raise ValueError(f"id_maps must have one entry per lookup ({len(ids)}), got {len(id_maps)}")
+    counted = [i for i, ids_i in enumerate(ids) if ids_i is None]
+    if (positions_from is None) != (not counted):
+        given = "given" if positions_from is not None else "None"
+        raise ValueError("an ids entry is None (counted positions) exactly when positions_from is given; got "
+                         f"{len(counted)} None entries and positions_from {given}")
+    if positions_from is not None:
+        _check_tensor("positions_from", positions_from, ndim=(1, 2))
+        if positions_from.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"positions_from must be int32 or int64, got {positions_from.dtype}")
+        if past_length < 0:
+            raise ValueError(f"past_length must be >= 0, got {past_length}")
+        _check_same_device(tables[0].device, positions_from=positions_from)
     for i, (ids_i, table, id_map) in enumerate(zip(ids, tables, id_maps, strict=True)):
-        _check_tensor(f"ids[{i}]", ids_i, ndim=(1, 2))
-        if ids_i.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"ids[{i}] must be int32 or int64, got {ids_i.dtype}")
+        if ids_i is not None:
+            _check_tensor(f"ids[{i}]", ids_i, ndim=(1, 2))
+            if ids_i.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"ids[{i}] must be int32 or int64, got {ids_i.dtype}")
+            _check_same_device(tables[0].device, **{f"ids[{i}]": ids_i})
         if id_map is not None:
             _check_tensor(f"id_maps[{i}]", id_map, ndim=(1, 2))
             if id_map.dtype not in (torch.int32, torch.int64) or (id_map.dim() == 2 and id_map.shape[0] != 1):
@@ -545,13 +568,15 @@ def embedding_layer_norm(
         if table.shape[1] != tables[0].shape[1] or table.stride(1) != 1:
             raise ValueError(f"tables[{i}] must be [rows, {tables[0].shape[1]}] with contiguous rows, got shape "
                              f"{tuple(table.shape)} strides {table.stride()}")
-        _check_same_device(tables[0].device, **{f"ids[{i}]": ids_i, f"tables[{i}]": table})
+        _check_same_device(tables[0].device, **{f"tables[{i}]": table})
+    shapes = [tuple(i.shape) for i in [*ids, positions_from] if i is not None]
     try:
-        torch.broadcast_shapes(*(i.shape for i in ids))
+        torch.broadcast_shapes(*shapes)
     except RuntimeError as error:
-        raise ValueError(f"the ids' shapes {[tuple(i.shape) for i in ids]} do not broadcast") from error
+        raise ValueError(f"the ids' shapes {shapes} do not broadcast") from error
     _check_norm_args(tables[0], None, eps, norm_weight=norm_weight, norm_bias=norm_bias)  # rows as the norm's x
-    return _embedding_layer_norm_op(list(ids), list(tables), norm_weight, norm_bias, float(eps), id_maps)
+    return _embedding_layer_norm_op(list(ids), list(tables), norm_weight, norm_bias, float(eps), id_maps,
+                                    positions_from, int(padding_idx), int(past_length))
 
 
 # -- rotary embeddings ----------------------------------------------------------------------------

@@ -22,6 +22,9 @@ MIN_ELEMENTS_PER_PROGRAM = 2048
 # ab-layer-norm-bert-base-*.json): 1 x 16 0.357 vs 0.375 ms, 1 x 512 0.631 vs 0.643 ms, 1 x 128 equal; at
 # 1024 and 4096 rows slower: 8 x 128 0.820 vs 0.759 ms, 32 x 128 1.819 vs 1.801 ms.
 PDL_MAX_ROWS = 512
+# Counted positions (RoBERTa's) read the tokens before each one this many at a time (one size for every
+# sequence length: no compile per length).
+BLOCK_SEQ = 256
 
 
 @triton.jit
@@ -128,12 +131,32 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _counted_positions(Src_ptr, src_batch_stride, src_seq_stride, batch, pos, seq_len, padding_idx, past_length,
+                       BLOCK_SEQ: tl.constexpr):
+    """Each token's position counted past padding, [ROWS, 1] int64: padding_idx where src[batch, pos] is
+    padding_idx, else padding_idx + past_length + the number of tokens other than padding_idx in
+    src[batch, :pos + 1] (fairseq's make_positions, as HF RoBERTa numbers its tokens)."""
+    count = tl.zeros(pos.shape, dtype=tl.int64)
+    for start in range(0, seq_len, BLOCK_SEQ):
+        earlier = start + tl.arange(0, BLOCK_SEQ)[None, :]
+        src = tl.load(Src_ptr + batch * src_batch_stride + earlier * src_seq_stride, mask=earlier <= pos,
+                      other=padding_idx)
+        count += tl.sum((src != padding_idx).to(tl.int64), axis=1, keep_dims=True)
+    own = tl.load(Src_ptr + batch * src_batch_stride + pos * src_seq_stride)
+    return tl.where(own != padding_idx, count + padding_idx + past_length, padding_idx)
+
+
+@triton.jit
 def _gathered_rows(Ids_ptr, ids_batch_stride, ids_seq_stride, Map_ptr, map_len, map_stride, T_ptr, t_rows,
-                   t_row_stride, batch, pos, cols, mask, HAS_MAP: tl.constexpr):
-    """Rows T[ids[batch, pos]] (with HAS_MAP: T[Map[ids[batch, pos]]], the map map_len ids map_stride apart) as
-    fp32 [ROWS, BLOCK_SIZE], zero outside mask; NaN for an id outside [0, t_rows) or outside the map (nothing
-    is read there: the caller's result is then NaN, never another row's values)."""
-    ids = tl.load(Ids_ptr + batch * ids_batch_stride + pos * ids_seq_stride)
+                   t_row_stride, batch, pos, positions, cols, mask, HAS_MAP: tl.constexpr, POSITIONS: tl.constexpr):
+    """Rows T[ids[batch, pos]] (with POSITIONS: T[positions], the counted positions of the token; with HAS_MAP:
+    T[Map[...]] of those ids, the map map_len ids map_stride apart) as fp32 [ROWS, BLOCK_SIZE], zero outside
+    mask; NaN for an id outside [0, t_rows) or outside the map (nothing is read there: the caller's result is
+    then NaN, never another row's values)."""
+    if POSITIONS:
+        ids = positions
+    else:
+        ids = tl.load(Ids_ptr + batch * ids_batch_stride + pos * ids_seq_stride)
     if HAS_MAP:
         in_map = (ids >= 0) & (ids < map_len)
         ids = tl.load(Map_ptr + ids.to(tl.int64) * map_stride, mask=in_map, other=-1)
@@ -145,17 +168,21 @@ def _gathered_rows(Ids_ptr, ids_batch_stride, ids_seq_stride, Map_ptr, map_len, 
 @triton.jit
 def _embedding_layer_norm_kernel(
     Ids0_ptr, Ids1_ptr, Ids2_ptr, Map0_ptr, Map1_ptr, Map2_ptr, T0_ptr, T1_ptr, T2_ptr, Y_ptr, W_ptr, B_ptr,
-    ids0_batch_stride, ids0_seq_stride, ids1_batch_stride, ids1_seq_stride, ids2_batch_stride, ids2_seq_stride,
+    Src_ptr, ids0_batch_stride, ids0_seq_stride, ids1_batch_stride, ids1_seq_stride, ids2_batch_stride,
+    ids2_seq_stride, src_batch_stride, src_seq_stride, padding_idx, past_length,
     map0_len, map1_len, map2_len, map0_stride, map1_stride, map2_stride,
     t0_rows, t1_rows, t2_rows, t0_row_stride, t1_row_stride, t2_row_stride, n_rows, n_cols, seq_len, eps,
     NUM_TABLES: tl.constexpr, HAS_MAP0: tl.constexpr, HAS_MAP1: tl.constexpr, HAS_MAP2: tl.constexpr,
+    POSITIONS0: tl.constexpr, POSITIONS1: tl.constexpr, POSITIONS2: tl.constexpr, BLOCK_SEQ: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """y = layer_norm(T0[ids0] + T1[ids1] (+ T2[ids2])) for each token (row) of a [batch, seq_len] input.
 
     Ids*_ptr: integer ids, token (b, s) at b * ids_batch_stride + s * ids_seq_stride (stride 0 broadcasts, as
-    BERT's position ids over the batch). Map*_ptr (with HAS_MAP*): the ids index this integer vector first, and
+    BERT's position ids over the batch). POSITIONS*: that lookup reads, instead of ids, each token's position
+    counted past padding in the token ids at Src_ptr (`_counted_positions`, BLOCK_SEQ of them a step; RoBERTa's
+    position ids). Map*_ptr (with HAS_MAP*): the ids index this integer vector first, and
     the table row is the value found there (BERT's token types read from a buffer through the positions).
     T*_ptr: tables [t_rows, n_cols], rows t_row_stride apart, columns contiguous, in Y's dtype; the gathered
     rows are summed in order, each sum rounded to Y's dtype as eager adds store it. Y_ptr: [n_rows = batch *
@@ -166,14 +193,18 @@ def _embedding_layer_norm_kernel(
     rows, cols, mask = _row_block(n_rows, n_cols, ROWS_PER_PROGRAM, BLOCK_SIZE)
     rows = tl.minimum(rows, n_rows - 1)  # rows past the end repeat the last (never stored): ids stay in bounds
     batch, pos = rows // seq_len, rows % seq_len
+    positions = pos  # read by no lookup unless one is POSITIONS
+    if POSITIONS0 or POSITIONS1 or POSITIONS2:
+        positions = _counted_positions(Src_ptr, src_batch_stride, src_seq_stride, batch, pos, seq_len, padding_idx,
+                                       past_length, BLOCK_SEQ)
     h = _gathered_rows(Ids0_ptr, ids0_batch_stride, ids0_seq_stride, Map0_ptr, map0_len, map0_stride, T0_ptr,
-                       t0_rows, t0_row_stride, batch, pos, cols, mask, HAS_MAP0)
+                       t0_rows, t0_row_stride, batch, pos, positions, cols, mask, HAS_MAP0, POSITIONS0)
     h += _gathered_rows(Ids1_ptr, ids1_batch_stride, ids1_seq_stride, Map1_ptr, map1_len, map1_stride, T1_ptr,
-                        t1_rows, t1_row_stride, batch, pos, cols, mask, HAS_MAP1)
+                        t1_rows, t1_row_stride, batch, pos, positions, cols, mask, HAS_MAP1, POSITIONS1)
     h = cast(h, Y_ptr.dtype.element_ty).to(tl.float32)
     if NUM_TABLES == 3:
         h += _gathered_rows(Ids2_ptr, ids2_batch_stride, ids2_seq_stride, Map2_ptr, map2_len, map2_stride, T2_ptr,
-                            t2_rows, t2_row_stride, batch, pos, cols, mask, HAS_MAP2)
+                            t2_rows, t2_row_stride, batch, pos, positions, cols, mask, HAS_MAP2, POSITIONS2)
         h = cast(h, Y_ptr.dtype.element_ty).to(tl.float32)
     h = tl.where(mask, h, 0.0)
     y = layer_norm_rows(h, cols, mask, n_cols, eps, W_ptr, B_ptr, HAS_WEIGHT, HAS_BIAS)
@@ -271,7 +302,7 @@ def rms_norm_fwd(
 
 
 def embedding_layer_norm_fwd(
-    ids: list[torch.Tensor],
+    ids: list[torch.Tensor | None],
     tables: list[torch.Tensor],
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -279,6 +310,9 @@ def embedding_layer_norm_fwd(
     out: torch.Tensor | None = None,
     pdl: bool | None = None,
     id_maps: list[torch.Tensor | None] | None = None,
+    positions_from: torch.Tensor | None = None,
+    padding_idx: int = 0,
+    past_length: int = 0,
 ) -> torch.Tensor:
     """layer_norm(tables[0][ids[0]] + tables[1][ids[1]] (+ tables[2][ids[2]])): an encoder's embeddings (words,
     token types, positions) gathered, summed in order (each sum rounded to the tables' dtype, as eager adds
@@ -288,16 +322,43 @@ def embedding_layer_norm_fwd(
     [1, seq_len]); tables: [rows, n_cols] each, columns contiguous, one dtype; weight, bias: [n_cols] or None.
     id_maps: None, or per lookup None or an integer tensor [map_len] or [1, map_len]: the row of tables[i] is
     then id_maps[i][ids[i]] (BERT's token types, a buffer read through the position ids).
+    positions_from: token ids broadcasting with the ids; a lookup whose ids are None reads instead each token's
+    position counted past padding in them: padding_idx for a padding_idx token, else padding_idx + past_length
+    + the count of other tokens up to and including it in its row (RoBERTa's position ids).
     An id outside its table or map gives a row of NaN. Validated by tritonize.ops. out: an optional contiguous
     output of that shape. pdl: as in layer_norm_fwd.
     """
-    shape = torch.broadcast_shapes(*(i.shape for i in ids))
+    counted = [i is None for i in ids]
+    given = [i for i in ids if i is not None] + ([positions_from] if any(counted) else [])
+    shape = torch.broadcast_shapes(*(i.shape for i in given))
     batch, seq_len = (1, *shape) if len(shape) == 1 else shape
     n_cols = tables[0].shape[1]
     y = out if out is not None else tables[0].new_empty((*shape, n_cols))
     n_rows = batch * seq_len
     if n_rows == 0:
         return y
+    source = given[-1].expand(shape).reshape(batch, seq_len)  # views: broadcast dims get stride 0
+    ids = [source if i is None else i.expand(shape).reshape(batch, seq_len) for i in ids]  # counted: never read
+    maps = [m.reshape(-1) if m is not None else None for m in (id_maps or [None] * len(ids))]
+    num_tables = len(tables)
+    # an unused third lookup repeats the first; a missing map is never read (its ids stand in)
+    ids, tables = ids + ids[:3 - num_tables], list(tables) + list(tables[:3 - num_tables])
+    maps, counted = maps + [None] * (3 - num_tables), counted + [False] * (3 - num_tables)
+    map_pointers = [m if m is not None else i for m, i in zip(maps, ids, strict=True)]
+    block_size, rows_per_program, num_warps = launch_config(n_rows, n_cols)
+    pdl = n_rows <= PDL_MAX_ROWS and pdl_supported(y.device) if pdl is None else pdl
+    _embedding_layer_norm_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        *ids, *map_pointers, *tables, y, weight, bias, source, *(stride for i in ids for stride in i.stride()),
+        *source.stride(), padding_idx, past_length,
+        *(m.shape[0] if m is not None else 0 for m in maps), *(m.stride(0) if m is not None else 0 for m in maps),
+        *(t.shape[0] for t in tables), *(t.stride(0) for t in tables), n_rows, n_cols, seq_len, eps,
+        NUM_TABLES=num_tables, HAS_MAP0=maps[0] is not None, HAS_MAP1=maps[1] is not None,
+        HAS_MAP2=maps[2] is not None, POSITIONS0=counted[0], POSITIONS1=counted[1], POSITIONS2=counted[2],
+        BLOCK_SEQ=BLOCK_SEQ, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, ROWS_PER_PROGRAM=rows_per_program, BLOCK_SIZE=block_size, PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl,
+    )  # fmt: skip
+    return y
     ids = [i.expand(shape).reshape(batch, seq_len) for i in ids]  # views: broadcast dims get stride 0
     maps = [m.reshape(-1) if m is not None else None for m in (id_maps or [None] * len(ids))]
     num_tables = len(tables)

@@ -115,17 +115,30 @@ def layer_norm(
     return y.to(x.dtype), h.to(x.dtype)
 
 
+def counted_positions(token_ids: torch.Tensor, padding_idx: int, past_length: int = 0) -> torch.Tensor:
+    """Each token's position counted past padding (fairseq's make_positions, HF RoBERTa's position ids):
+    padding_idx for a padding_idx token, else padding_idx + past_length + the number of other tokens up to and
+    including it along the last dim."""
+    real = token_ids != padding_idx
+    return torch.where(real, real.long().cumsum(-1) + padding_idx + past_length, padding_idx)
+
+
 def embedding_layer_norm(
-    ids: list[torch.Tensor],
+    ids: list[torch.Tensor | None],
     tables: list[torch.Tensor],
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
     id_maps: list[torch.Tensor | None] | None = None,
+    positions_from: torch.Tensor | None = None,
+    padding_idx: int = 0,
+    past_length: int = 0,
 ) -> torch.Tensor:
     """LayerNorm of tables[0][ids[0]] + tables[1][ids[1]] + ..., summed in order in the tables' dtype (each sum
     rounded as eager adds store it; ids broadcast together). id_maps[i], when given ([n] or [1, n]): the ids
-    of lookup i index it first, tables[i][id_maps[i][ids[i]]]."""
+    of lookup i index it first, tables[i][id_maps[i][ids[i]]]. An ids entry None reads
+    counted_positions(positions_from, padding_idx, past_length)."""
+    ids = [counted_positions(positions_from, padding_idx, past_length) if i is None else i for i in ids]
     id_maps = id_maps or [None] * len(ids)
     rows = [t[i if m is None else m.reshape(-1)[i]] for i, t, m in zip(ids, tables, id_maps, strict=True)]
     total = rows[0]

@@ -10,6 +10,8 @@ residual add to the LayerNorm that alone reads it. eps always comes from the gra
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -117,6 +119,50 @@ def _read_through_map(ids: object) -> tuple[fx.Node, fx.Node] | None:
     return (index, id_map) if integer and one_row else None
 
 
+def _int_source(node: object) -> object:
+    """node with the dtype conversions before it looked through, integer ones included (x.int(), x.long(),
+    x.type_as(y), ...)."""
+    while is_call(node, "int", "long") or is_cast(node):
+        node = node.args[0]
+    return node
+
+
+def _int_operand(pair: tuple[object, object] | None) -> tuple[object, int] | None:
+    """(the other operand, the int) when one of a binary op's operands is a Python int, else None."""
+    if pair is None:
+        return None
+    for other, number in (pair, pair[::-1]):
+        if isinstance(number, int) and not isinstance(number, bool):
+            return other, number
+    return None
+
+
+def _counted_positions(ids: object) -> tuple[fx.Node, int, int] | None:
+    """(token_ids, padding_idx, past_length) when ids = (cumsum(mask, -1) + past_length) * mask + padding_idx
+    with mask = token_ids != padding_idx, up to integer casts (HF RoBERTa's create_position_ids_from_input_ids:
+    each token numbered past the padding), so the kernel can count them itself; else None."""
+    shifted = _int_operand(operands(ids, ADD))
+    product = operands(_int_source(shifted[0]), MUL) if shifted is not None else None
+    if product is None:
+        return None
+    padding_idx = shifted[1]
+    for running, mask in (product, product[::-1]):
+        compared = _int_source(mask)
+        if not is_call(compared, "ne", torch.ne, operator.ne) or arg(compared, 1, "other") != padding_idx:
+            continue
+        token_ids, past = arg(compared, 0, "input"), _int_operand(operands(_int_source(running), ADD))
+        running, past_length = (_int_source(past[0]), past[1]) if past is not None else (_int_source(running), 0)
+        token_value, ids_value = fake(token_ids), fake(ids)
+        if (not is_call(running, torch.cumsum, "cumsum") or _int_source(arg(running, 0, "input")) is not compared
+                or token_value is None or ids_value is None or past_length < 0):
+            continue
+        along_seq = arg(running, 1, "dim") in (-1, token_value.dim() - 1)
+        if (along_seq and token_value.dtype in (torch.int32, torch.int64) and token_value.dim() in (1, 2)
+                and same_shape(token_value, ids_value)):
+            return token_ids, padding_idx, past_length
+    return None
+
+
 def _broadcast_kept(old: torch.Tensor, new: torch.Tensor, others: list[torch.Tensor]) -> bool:
     """Reading ids `new` instead of `old` leaves the shape all the lookups' ids broadcast to unchanged: each dim
     of old is new's or another lookup's."""
@@ -131,7 +177,8 @@ def embedding_layer_norm(node: fx.Node) -> bool:
     """F.layer_norm(F.embedding(ids0, t0) + F.embedding(ids1, t1) (+ F.embedding(ids2, t2))) over the last dim
     (BERT's embeddings: words, token types, positions) -> ops.embedding_layer_norm: the gathers, the sums and
     the norm in one kernel; ids gathered from a one-row buffer (BERT's default token types) are read through it
-    by the kernel too. Registered before `layer_norm`, which would otherwise take the last add."""
+    by the kernel too, and positions numbered past the padding (RoBERTa's) are counted by it. Registered before
+    `layer_norm`, which would otherwise take the last add."""
     if not is_call(node, F.layer_norm):
         return False
     lookups = _embedding_lookups(arg(node, 0, "input"))
@@ -139,7 +186,7 @@ def embedding_layer_norm(node: fx.Node) -> bool:
         return False
     x_value, weight, bias, eps = _layer_norm_operands(node)
     check(len(lookups) <= 3, f"{len(lookups)} embeddings are summed; the kernel takes 2 or 3")
-    ids, id_maps = [], []
+    ids, id_maps, counted = [], [], None
     for i, (ids_i, table) in enumerate(lookups):
         ids_value, table_value = fake(ids_i), check_tensor(f"tables[{i}]", table)
         check(isinstance(ids_value, torch.Tensor) and ids_value.dtype in (torch.int32, torch.int64)
@@ -154,9 +201,14 @@ def embedding_layer_norm(node: fx.Node) -> bool:
             ids_i, id_map = through_map
         else:
             id_map = None
+        positions = _counted_positions(ids_i)
+        if positions is not None and counted in (None, positions) and fake(positions[0]).device == x_value.device:
+            ids_i, counted = None, positions  # one source of counted positions per call
         ids.append(ids_i)
         id_maps.append(id_map)
     maps = {"id_maps": id_maps} if any(m is not None for m in id_maps) else {}
+    if counted is not None:
+        maps.update(positions_from=counted[0], padding_idx=counted[1], past_length=counted[2])
     replace(node, ops.embedding_layer_norm, ids, [table for _, table in lookups], weight, bias, eps, **maps)
     return True
 
