@@ -1,5 +1,7 @@
-"""Where an encoder's time goes: GPU time per kernel (torch.profiler) for tritonize and torch.compile, and
-the runner's host overhead (a full optimized call vs the bare CUDA-graph replay of its bucket).
+"""Where an encoder's time goes: GPU time per kernel (torch.profiler) for tritonize and torch.compile, the
+runner's host overhead (a full optimized call vs the bare CUDA-graph replay of its bucket), and the replay's
+timeline: each kernel of the CUDA graph in launch order with its start (from the first kernel's) and
+duration, medians over replays, and the idle time between kernels.
 
 Usage (on the GPU machine): PYTHONPATH=src python benchmarks/profile_model.py [--model bert-base]
     [--shapes 1x16 1x128 32x512] [--out DIR] [--no-pdl]
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,6 +51,46 @@ def kernel_times(fn, steps: int = STEPS, device: torch.device | None = None) -> 
         if event.device_type == kind:
             totals[event.name[:90]] += (event.device_time if on_gpu else event.self_cpu_time_total) / steps
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def replay_timeline(replay, replays: int = 10) -> list[dict]:
+    """[{"kernel", "start_us", "duration_us", "gap_us"}, ...] for each kernel of one CUDA-graph replay in launch
+    order: medians over `replays` replays of its start after the replay's first kernel started, its duration and
+    the time from the previous kernel's end to its start (negative: they overlapped, as under PDL)."""
+    replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            replay()
+            torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    per_replay = len(kernels) // replays
+    if per_replay == 0 or len(kernels) % replays:
+        print(f"  no timeline: {len(kernels)} kernels over {replays} replays (the profiler missed some)")
+        return []
+    runs = [kernels[i * per_replay:(i + 1) * per_replay] for i in range(replays)]
+    timeline = []
+    for position in range(per_replay):
+        starts = [run[position].time_range.start - run[0].time_range.start for run in runs]
+        durations = [run[position].time_range.elapsed_us() for run in runs]
+        gaps = [run[position].time_range.start - run[position - 1].time_range.end if position else 0.0
+                for run in runs]
+        timeline.append({"kernel": runs[0][position].name[:60], "start_us": statistics.median(starts),
+                         "duration_us": statistics.median(durations), "gap_us": statistics.median(gaps)})
+    return timeline
+
+
+def print_timeline(timeline: list[dict], first: int = 16) -> None:
+    if not timeline:
+        return
+    end = timeline[-1]["start_us"] + timeline[-1]["duration_us"]
+    busy = sum(k["duration_us"] for k in timeline)
+    idle = sum(max(0.0, k["gap_us"]) for k in timeline)
+    print(f"  {len(timeline)} kernels, first start to last end {end:.1f} us, sum of durations {busy:.1f} us, "
+          f"idle between kernels {idle:.1f} us; the first {first}:")
+    for k in timeline[:first]:
+        print(f"  {k['start_us']:8.1f} us  +{k['duration_us']:6.1f} us  gap {k['gap_us']:6.1f} us  {k['kernel']}")
 
 
 def main() -> None:
@@ -85,8 +128,10 @@ def main() -> None:
             call_ms = do_bench(lambda optimized=optimized, inputs=inputs: optimized(**inputs),
                                warmup=25, rep=200, return_mode="median")
             replay_ms = do_bench(bucket.graph.replay, warmup=25, rep=200, return_mode="median")
-            results[f"{shape} tritonize"] = {"call_ms": call_ms, "replay_ms": replay_ms}
+            timeline = replay_timeline(bucket.graph.replay)
+            results[f"{shape} tritonize"] = {"call_ms": call_ms, "replay_ms": replay_ms, "replay_timeline": timeline}
             print(f"\n== {shape} tritonize: full call {call_ms:.3f} ms, bare graph replay {replay_ms:.3f} ms")
+            print_timeline(timeline)
     print(tritonize.report(engines["tritonize"]))
     out = Path(args.out) / f"profile-{args.model}{'-no-pdl' if args.no_pdl else ''}.json"
     out.write_text(json.dumps(results, indent=1))
