@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tritonize.runtime.buckets import ShapeBuckets, clone_outputs, pad_to, slice_outputs
+from tritonize.runtime.buckets import ShapeBuckets, pad_to, unpadded_outputs
 from tritonize.runtime.cuda_graphs import BucketedRunner
 
 
@@ -39,20 +39,24 @@ def test_pad_and_slice_round_trip():
     hidden = torch.randn(4, 16, 8)
     pooled = torch.randn(4, 16)  # a per-sequence 2-D output whose width happens to equal the padded seq
     out = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
-    sliced = slice_outputs(out, (3, 5), (4, 16))
+    sliced = unpadded_outputs(out, (3, 5), (4, 16))
     assert isinstance(sliced, BaseModelOutputWithPooling)
     assert sliced.last_hidden_state.shape == (3, 5, 8) and sliced.pooler_output.shape == (3, 16)
-    start_logits = slice_outputs({"start_logits": torch.randn(4, 16)}, (3, 5), (4, 16))["start_logits"]
+    assert sliced.last_hidden_state.data_ptr() == hidden.data_ptr()  # views without copy
+    start_logits = unpadded_outputs({"start_logits": torch.randn(4, 16)}, (3, 5), (4, 16))["start_logits"]
     assert start_logits.shape == (3, 5)
-    copied = clone_outputs(sliced)
-    assert copied.last_hidden_state.data_ptr() != sliced.last_hidden_state.data_ptr()
+    copied = unpadded_outputs(out, (3, 5), (4, 16), copy=True)
+    assert copied.last_hidden_state.shape == (3, 5, 8) and copied.pooler_output.shape == (3, 16)
+    assert torch.equal(copied.last_hidden_state, hidden[:3, :5]) and torch.equal(copied.pooler_output, pooled[:3])
+    assert copied.last_hidden_state.data_ptr() != hidden.data_ptr()
+    assert unpadded_outputs(out, (4, 16), (4, 16)) is out  # nothing to cut, nothing to copy: the same object
 
 
-def test_clone_outputs_copies_every_tensor_of_a_nested_output():
+def test_copied_outputs_copy_every_tensor_of_a_nested_output():
     hidden, pooled, extra = torch.randn(2, 5, 8), torch.randn(2, 8, dtype=torch.float64), torch.arange(6)[::2]
     out = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled,
                                      hidden_states=(hidden[:, :3], [extra, "not a tensor"]))
-    copied = clone_outputs(out)
+    copied = unpadded_outputs(out, (2, 5), (2, 5), copy=True)
     assert isinstance(copied, BaseModelOutputWithPooling) and isinstance(copied.hidden_states[1], list)
     assert copied.hidden_states[1][1] == "not a tensor"
     pairs = [(copied.last_hidden_state, hidden), (copied.pooler_output, pooled),

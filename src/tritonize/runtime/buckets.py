@@ -73,36 +73,47 @@ def pad_to(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     return F.pad(t, [*trailing, 0, pad_seq, 0, pad_batch])
 
 
-def slice_outputs(out, real: tuple[int, int], padded: tuple[int, int], name: str = ""):
-    """Cuts the padding back off every tensor in a (nested) model output; keeps its type."""
+def _unpadded(t: torch.Tensor, name: str, real: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
+    """t without the bucket's padding: rows past the real batch, and for per-token outputs (3-D and more, or the
+    2-D ones named in PER_TOKEN_2D_OUTPUTS) positions past the real sequence."""
     (batch, seq), (padded_batch, padded_seq) = real, padded
-    if isinstance(out, torch.Tensor):
-        if out.dim() >= 1 and out.shape[0] == padded_batch:
-            out = out[:batch]
-        per_token = out.dim() >= 3 or (out.dim() == 2 and name.endswith(PER_TOKEN_2D_OUTPUTS))
-        if per_token and out.shape[1] == padded_seq:
-            out = out[:, :seq]
+    if batch != padded_batch and t.dim() >= 1 and t.shape[0] == padded_batch:
+        t = t[:batch]
+    per_token = t.dim() >= 3 or (t.dim() == 2 and name.endswith(PER_TOKEN_2D_OUTPUTS))
+    return t[:, :seq] if seq != padded_seq and per_token and t.shape[1] == padded_seq else t
+
+
+def unpadded_outputs(out, real: tuple[int, int], padded: tuple[int, int], copy: bool = False):
+    """A (nested) model output with the padding cut off every tensor; its type kept. copy=True also copies each
+    tensor (batched, see copy_into), so that a later replay cannot overwrite what the caller holds. The output
+    is rebuilt once (an HF ModelOutput costs tens of microseconds to build), and returned as it is when
+    nothing changes."""
+    leaves: list[tuple[str, torch.Tensor]] = []
+    _named_tensor_leaves(out, "", leaves)
+    tensors = [_unpadded(t, name, real, padded) for name, t in leaves]
+    if copy:
+        copies = [torch.empty_like(t) for t in tensors]
+        copy_into(copies, tensors)
+        tensors = copies
+    if all(new is old for new, (_, old) in zip(tensors, leaves, strict=True)):
         return out
-    if isinstance(out, dict):  # ModelOutput is an OrderedDict subclass that takes keyword arguments
-        return type(out)(**{key: slice_outputs(value, real, padded, key) for key, value in out.items()})
-    if isinstance(out, (tuple, list)):
-        return type(out)(slice_outputs(value, real, padded, name) for value in out)
-    return out
+    return _replace_leaves(out, iter(tensors))
 
 
-def _tensor_leaves(out, leaves: list[torch.Tensor]) -> None:
+def _named_tensor_leaves(out, name: str, leaves: list[tuple[str, torch.Tensor]]) -> None:
+    """Appends (the key of the nearest enclosing dict, tensor) for every tensor of a (nested) output."""
     if isinstance(out, torch.Tensor):
-        leaves.append(out)
+        leaves.append((name, out))
     elif isinstance(out, dict):
-        for value in out.values():
-            _tensor_leaves(value, leaves)
+        for key, value in out.items():
+            _named_tensor_leaves(value, key, leaves)
     elif isinstance(out, (tuple, list)):
         for value in out:
-            _tensor_leaves(value, leaves)
+            _named_tensor_leaves(value, name, leaves)
 
 
 def _replace_leaves(out, replacements):
-    """out with its tensors, in _tensor_leaves order, taken from the iterator `replacements`."""
+    """out with its tensors, in _named_tensor_leaves order, taken from the iterator `replacements`."""
     if isinstance(out, torch.Tensor):
         return next(replacements)
     if isinstance(out, dict):  # ModelOutput is an OrderedDict subclass that takes keyword arguments
@@ -117,12 +128,3 @@ def copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> 
     copy in one launch (torch._foreach_copy_) instead of one each, which shows on millisecond calls."""
     if destinations:
         torch._foreach_copy_(destinations, sources)
-
-
-def clone_outputs(out):
-    """Copies every tensor of a (nested) output, so a later replay cannot overwrite what the caller holds."""
-    sources: list[torch.Tensor] = []
-    _tensor_leaves(out, sources)
-    copies = [torch.empty_like(t) for t in sources]
-    copy_into(copies, sources)
-    return _replace_leaves(out, iter(copies))

@@ -22,7 +22,7 @@ import torch
 
 from tritonize import tuning
 from tritonize.kernels.compile import compile_in_parallel
-from tritonize.runtime.buckets import ShapeBuckets, clone_outputs, copy_into, pad_to, slice_outputs
+from tritonize.runtime.buckets import ShapeBuckets, copy_into, pad_to, unpadded_outputs
 
 logger = logging.getLogger("tritonize")
 
@@ -128,9 +128,7 @@ class BucketedRunner:
             if fresh:
                 entry = self._entries[key] = self._capture(padded_inputs, static_args, padded)
             out = self._run(entry, padded_inputs, static_args)
-            out = slice_outputs(out, (batch, seq), padded)
-            if self.cuda_graphs and self.copy_outputs:
-                out = clone_outputs(out)
+            out = unpadded_outputs(out, (batch, seq), padded, copy=self.cuda_graphs and self.copy_outputs)
         if fresh and self.after_new_bucket is not None:
             self.after_new_bucket()
         if fresh and self.verify is not None:
