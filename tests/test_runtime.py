@@ -113,6 +113,28 @@ def test_runner_rejects_bad_inputs():
         runner(torch.randint(1, 50, (2, 7), device="meta"))
 
 
+class WithVariadics(MaskedMean):
+    def forward(self, input_ids, attention_mask=None, *args, scale=1.0, **kwargs):
+        return super().forward(input_ids, attention_mask, scale=scale * kwargs.get("extra", 1.0))
+
+
+def test_runner_binds_arguments_as_the_forward_does():
+    """By name (the fast path), by position, an extra keyword caught by **kwargs, and *args refused; a call the
+    forward cannot take is its TypeError."""
+    model, calls = WithVariadics(), []
+    runner = make_runner(model, calls)
+    ids, mask = torch.randint(1, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    expected = model(ids, mask, scale=2.0, extra=3.0)["hidden"]
+    for out in (runner(input_ids=ids, attention_mask=mask, scale=6.0), runner(ids, mask, scale=6.0),
+                runner(ids, attention_mask=mask, scale=2.0, extra=3.0)):
+        torch.testing.assert_close(out["hidden"], expected)
+    assert calls[-1] == {"input_ids": (2, 16), "attention_mask": (2, 16)}
+    with pytest.raises(ValueError, match="not through \\*args"):
+        runner(ids, mask, ids)
+    with pytest.raises(TypeError, match="missing a required argument: 'input_ids'"):
+        runner(input_idz=ids)
+
+
 def test_runner_verifies_first_call_of_each_bucket():
     seen = []
     runner = make_runner(MaskedMean(), [], verify=lambda inputs, out: seen.append(tuple(inputs["input_ids"].shape)))

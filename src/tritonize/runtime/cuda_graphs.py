@@ -88,6 +88,11 @@ class BucketedRunner:
         self.pool = pool
         self.parallel_compile = parallel_compile
         self.captures = 0
+        kinds = {param.kind: param.name for param in signature.parameters.values()}
+        self._var_keyword = kinds.get(inspect.Parameter.VAR_KEYWORD)
+        self._var_positional = kinds.get(inspect.Parameter.VAR_POSITIONAL)
+        self._named = [param.name for param in signature.parameters.values() if param.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
         self._entries: dict[tuple, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -97,12 +102,15 @@ class BucketedRunner:
             self._entries.clear()
 
     def __call__(self, *args, **kwargs):
-        call = dict(self.signature.bind(*args, **kwargs).arguments)
-        for param in self.signature.parameters.values():
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                call.update(call.pop(param.name, {}))
-            elif param.kind is inspect.Parameter.VAR_POSITIONAL and call.get(param.name):
+        if not args and len(kwargs) == sum(name in kwargs for name in self._named):
+            call = {name: kwargs[name] for name in self._named if name in kwargs}  # what bind gives, sooner
+        else:
+            call = dict(self.signature.bind(*args, **kwargs).arguments)
+            if self._var_positional is not None and call.get(self._var_positional):
                 raise ValueError("tritonize: pass the model's inputs by name or position, not through *args")
+            call.pop(self._var_positional, None)
+            if self._var_keyword is not None:
+                call.update(call.pop(self._var_keyword, {}))
         tensors = {k: v for k, v in call.items() if isinstance(v, torch.Tensor)}
         if not tensors:
             raise ValueError("tritonize: the optimized model needs at least one tensor input")
