@@ -16,6 +16,7 @@ from torch import nn
 import tritonize
 from tritonize.passes import DEFAULT_REGISTRY, Registry, fake, register_pattern
 from tritonize.passes.linear import linear_plain
+from tritonize.passes.registry import Reject, replace
 from tritonize.reporting import Report
 from tritonize.runtime import tritonize_backend
 from tritonize.runtime.backend import GRAD_NOTE
@@ -590,3 +591,25 @@ def test_separate_registry_runs_only_its_patterns(device):
     assert_close(out, expected)
     assert report.replaced == {"linear": 2}  # both alone: no fusion pattern in this registry
     assert all(set(kwargs) == set() for _, kwargs in _ops_calls(graphs))
+
+
+def test_a_replacement_moves_across_runtime_assertions_but_not_in_place_ops():
+    """Dynamo's checks of symbolic sizes (`aten._assert_scalar`, which torch 2.11 puts into HF BERT's embeddings)
+    write no tensor: a replacement may move its computation across them, and they stay in the graph; an in-place
+    op in the same place still blocks it."""
+    for moves in (True, False):
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        y = graph.call_function(torch.relu, (x,))
+        if moves:
+            between = graph.call_function(torch.ops.aten._assert_scalar.default, (True, "never fails")).target
+        else:
+            graph.call_method("add_", (x, 1.0))
+        graph.output(graph.call_function(torch.neg, (y,)))
+        end = [n for n in graph.nodes if n.target is torch.neg][0]
+        if moves:
+            replace(end, torch.abs, y)
+            assert [n.target for n in graph.nodes if n.op == "call_function"] == [torch.relu, torch.abs, between]
+        else:
+            with pytest.raises(Reject, match="in-place ops"):
+                replace(end, torch.abs, y)

@@ -283,11 +283,11 @@ def replace(old: fx.Node | Sequence[fx.Node], target: Callable[..., Any], *args:
 
 def erase_unused(node: fx.Node) -> None:
     """Erase node if nothing uses it, then each of its inputs that became unused, and so on upwards.
-    Placeholders, outputs and in-place (mutating) calls are never erased."""
+    Placeholders, outputs, in-place (mutating) and other impure calls (runtime assertions) are never erased."""
     stack, erased = [node], set()
     while stack:
         n = stack.pop()
-        if n in erased or n.users or n.op not in ("call_function", "call_method") or _mutates(n):
+        if n in erased or n.users or n.op not in ("call_function", "call_method") or _mutates(n) or n.is_impure():
             continue
         inputs = n.all_input_nodes
         n.graph.erase_node(n)
@@ -295,9 +295,19 @@ def erase_unused(node: fx.Node) -> None:
         stack.extend(inputs)
 
 
+# Dynamo's runtime checks of symbolic sizes (torch 2.11 puts `_assert_scalar`s of an unbacked slice length
+# into HF BERT's embeddings): impure, so never erased, but they write no tensor, so computations may move
+# across them.
+_RUNTIME_ASSERTIONS = (
+    torch.ops.aten._assert_scalar.default, torch.ops.aten._assert_async.default, torch.ops.aten._assert_async.msg,
+    torch.ops.aten.sym_constrain_range.default, torch.ops.aten.sym_constrain_range_for_size.default,
+)
+
+
 def _mutates(node: fx.Node) -> bool:
-    """True for a call that may write to a tensor (in-place method or operator, inplace=True, impure)."""
-    if node.op not in ("call_function", "call_method"):
+    """True for a call that may write to a tensor (in-place method or operator, inplace=True, impure other than a
+    runtime assertion)."""
+    if node.op not in ("call_function", "call_method") or node.target in _RUNTIME_ASSERTIONS:
         return False
     if node.kwargs.get("inplace") or node.is_impure():
         return True
