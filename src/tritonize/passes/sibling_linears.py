@@ -10,7 +10,8 @@ block (an `as_strided` view, no copy), handing each former output a `narrow` vie
 fills the GPU where three narrow ones left SMs idle (BERT's 768 x 768 projections at 1024 tokens).
 
 Caveat (as for any CUDA-graph runtime): replacing a parameter's storage after optimize_model
-(`param.data = other`) is not seen; `load_state_dict` copies in place and is fine.
+(`param.data = other`) is not seen by the CUDA graphs, nor without them before torch 2.13 (whose Dynamo
+guards retrace then; 2.11's do not); `load_state_dict` copies in place and is fine.
 passes/ never imports triton.
 """
 
