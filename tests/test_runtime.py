@@ -133,6 +133,8 @@ def test_runner_binds_arguments_as_the_forward_does():
         runner(ids, mask, ids)
     with pytest.raises(TypeError, match="missing a required argument: 'input_ids'"):
         runner(input_idz=ids)
+    with pytest.raises(TypeError, match="missing a required argument: 'input_ids'"):
+        runner(attention_mask=mask)  # by name, but short of a required one
 
 
 def test_runner_verifies_first_call_of_each_bucket():

@@ -91,8 +91,10 @@ class BucketedRunner:
         kinds = {param.kind: param.name for param in signature.parameters.values()}
         self._var_keyword = kinds.get(inspect.Parameter.VAR_KEYWORD)
         self._var_positional = kinds.get(inspect.Parameter.VAR_POSITIONAL)
-        self._named = [param.name for param in signature.parameters.values() if param.kind in (
+        named = [param for param in signature.parameters.values() if param.kind in (
             inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        self._named = [param.name for param in named]
+        self._required = [param.name for param in named if param.default is inspect.Parameter.empty]
         self._entries: dict[tuple, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -102,7 +104,8 @@ class BucketedRunner:
             self._entries.clear()
 
     def __call__(self, *args, **kwargs):
-        if not args and len(kwargs) == sum(name in kwargs for name in self._named):
+        if (not args and len(kwargs) == sum(name in kwargs for name in self._named)
+                and all(name in kwargs for name in self._required)):
             call = {name: kwargs[name] for name in self._named if name in kwargs}  # what bind gives, sooner
         else:
             call = dict(self.signature.bind(*args, **kwargs).arguments)
