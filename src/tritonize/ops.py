@@ -559,9 +559,10 @@ def embedding_layer_norm(
             _check_same_device(tables[0].device, **{f"ids[{i}]": ids_i})
         if id_map is not None:
             _check_tensor(f"id_maps[{i}]", id_map, ndim=(1, 2))
-            if id_map.dtype not in (torch.int32, torch.int64) or (id_map.dim() == 2 and id_map.shape[0] != 1):
-                raise ValueError(f"id_maps[{i}] must be an int32 or int64 [n] or [1, n] tensor, got "
-                                 f"{id_map.dtype} of shape {tuple(id_map.shape)}")
+            if id_map.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"id_maps[{i}] must be int32 or int64, got {id_map.dtype}")
+            if id_map.dim() == 2 and id_map.shape[0] != 1:
+                raise ValueError(f"id_maps[{i}] must be an [n] or [1, n] tensor, got shape {tuple(id_map.shape)}")
             _check_same_device(tables[0].device, **{f"id_maps[{i}]": id_map})
         _check_tensor(f"tables[{i}]", table, ndim=2)
         _check_float(f"tables[{i}]", table, tables[0].dtype)
