@@ -359,21 +359,3 @@ def embedding_layer_norm_fwd(
         num_warps=num_warps, launch_pdl=pdl,
     )  # fmt: skip
     return y
-    ids = [i.expand(shape).reshape(batch, seq_len) for i in ids]  # views: broadcast dims get stride 0
-    maps = [m.reshape(-1) if m is not None else None for m in (id_maps or [None] * len(ids))]
-    num_tables = len(tables)
-    # an unused third lookup repeats the first; a missing map is never read (its ids stand in)
-    ids, tables = ids + ids[:3 - num_tables], list(tables) + list(tables[:3 - num_tables])
-    maps = maps + [None] * (3 - num_tables)
-    map_pointers = [m if m is not None else i for m, i in zip(maps, ids, strict=True)]
-    block_size, rows_per_program, num_warps = launch_config(n_rows, n_cols)
-    pdl = n_rows <= PDL_MAX_ROWS and pdl_supported(y.device) if pdl is None else pdl
-    _embedding_layer_norm_kernel[(triton.cdiv(n_rows, rows_per_program),)](
-        *ids, *map_pointers, *tables, y, weight, bias, *(stride for i in ids for stride in i.stride()),
-        *(m.shape[0] if m is not None else 0 for m in maps), *(m.stride(0) if m is not None else 0 for m in maps),
-        *(t.shape[0] for t in tables), *(t.stride(0) for t in tables), n_rows, n_cols, seq_len, eps,
-        NUM_TABLES=num_tables, HAS_MAP0=maps[0] is not None, HAS_MAP1=maps[1] is not None,
-        HAS_MAP2=maps[2] is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ROWS_PER_PROGRAM=rows_per_program, BLOCK_SIZE=block_size, PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
-    )  # fmt: skip
-    return y
