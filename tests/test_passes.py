@@ -308,7 +308,8 @@ def test_token_types_gathered_from_a_buffer_are_read_by_the_kernel(words_looked_
 class CountedPositions(nn.Module):
     """HF RoBERTa's embeddings: positions numbered past the padding (create_position_ids_from_input_ids, with
     `past_length`), the token types read from a buffer through them. `variant` breaks the formula: "other_pad"
-    compares with another id than the one added, "batch_dim" counts along the batch."""
+    compares with another id than the one added, "batch_dim" counts along the batch; "positions_first" sums the
+    position lookup first."""
 
     def __init__(self, past_length: int = 0, variant: str = "hf") -> None:
         super().__init__()
@@ -322,11 +323,14 @@ class CountedPositions(nn.Module):
         dim = 0 if self.variant == "batch_dim" else 1
         position_ids = ((torch.cumsum(mask, dim=dim).type_as(mask) + self.past_length) * mask).long() + self.padding_idx
         types = torch.gather(self.token_type_ids.expand(ids.shape[0], -1), dim=1, index=position_ids)
+        if self.variant == "positions_first":  # the counted lookup before the one read through the buffer
+            return self.norm(self.positions(position_ids) + self.words(ids) + self.types(types))
         return self.norm(self.words(ids) + self.types(types) + self.positions(position_ids))
 
 
-@pytest.mark.parametrize("past_length, variant, counted", [(0, "hf", True), (3, "hf", True), (0, "other_pad", False),
-                                                           (0, "batch_dim", False)])
+@pytest.mark.parametrize("past_length, variant, counted", [
+    (0, "hf", True), (3, "hf", True), (0, "positions_first", True), (0, "other_pad", False), (0, "batch_dim", False),
+])
 def test_positions_counted_past_padding_are_counted_by_the_kernel(past_length, variant, counted, device):
     """RoBERTa's position ids (ne, int, cumsum, type_as, add, mul, long, add: PyTorch kernels of their own) leave
     the graph: ops.embedding_layer_norm counts them from the token ids, padded rows included; a formula that

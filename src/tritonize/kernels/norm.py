@@ -329,7 +329,8 @@ def embedding_layer_norm_fwd(
     output of that shape. pdl: as in layer_norm_fwd.
     """
     counted = [i is None for i in ids]
-    given = [i for i in ids if i is not None] + ([positions_from] if any(counted) else [])
+    positions_from = positions_from if any(counted) else None
+    given = [i for i in ids if i is not None] + ([positions_from] if positions_from is not None else [])
     shape = torch.broadcast_shapes(*(i.shape for i in given))
     batch, seq_len = (1, *shape) if len(shape) == 1 else shape
     n_cols = tables[0].shape[1]
@@ -337,8 +338,10 @@ def embedding_layer_norm_fwd(
     n_rows = batch * seq_len
     if n_rows == 0:
         return y
-    source = given[-1].expand(shape).reshape(batch, seq_len)  # views: broadcast dims get stride 0
-    ids = [source if i is None else i.expand(shape).reshape(batch, seq_len) for i in ids]  # counted: never read
+    ids = [None if i is None else i.expand(shape).reshape(batch, seq_len) for i in ids]  # broadcast: stride 0
+    # the token ids positions are counted in; without counted lookups an unread stand-in
+    source = ids[0] if positions_from is None else positions_from.expand(shape).reshape(batch, seq_len)
+    ids = [source if i is None else i for i in ids]  # a counted lookup's ids pointer is never read
     maps = [m.reshape(-1) if m is not None else None for m in (id_maps or [None] * len(ids))]
     num_tables = len(tables)
     # an unused third lookup repeats the first; a missing map is never read (its ids stand in)

@@ -225,7 +225,8 @@ def _refresh_indexings(node: fx.Node) -> None:
 def key_padding_mask_cast(node: fx.Node) -> bool:
     """`mask.to(torch.bool)` of an integer mask read only as attention key-padding masks -> mask: the kernel
     tests `!= 0` itself, which is what the conversion does, so the call saves a conversion kernel (HF's
-    mask builders convert the user's int64 attention_mask so, inside the graph of a model compiled whole)."""
+    mask builders make that conversion of the user's int64 attention_mask; it is inside a graph only for a model
+    compiled whole)."""
     if not is_cast(node):
         return False
     out, source = fake(node), node.args[0]

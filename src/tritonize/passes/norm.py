@@ -119,12 +119,9 @@ def _read_through_map(ids: object) -> tuple[fx.Node, fx.Node] | None:
     return (index, id_map) if integer and one_row else None
 
 
-def _int_source(node: object) -> object:
-    """node with the dtype conversions before it looked through, integer ones included (x.int(), x.long(),
-    x.type_as(y), ...)."""
-    while is_call(node, "int", "long") or is_cast(node):
-        node = node.args[0]
-    return node
+def _uncast(node: object) -> object:
+    """The input of node when node is a pure dtype conversion (`is_cast`), else node."""
+    return node.args[0] if is_cast(node) else node
 
 
 def _int_operand(pair: tuple[object, object] | None) -> tuple[object, int] | None:
@@ -139,21 +136,22 @@ def _int_operand(pair: tuple[object, object] | None) -> tuple[object, int] | Non
 
 def _counted_positions(ids: object) -> tuple[fx.Node, int, int] | None:
     """(token_ids, padding_idx, past_length) when ids = (cumsum(mask, -1) + past_length) * mask + padding_idx
-    with mask = token_ids != padding_idx, up to integer casts (HF RoBERTa's create_position_ids_from_input_ids:
-    each token numbered past the padding), so the kernel can count them itself; else None."""
+    with mask = token_ids != padding_idx, up to a dtype cast at each step (HF RoBERTa's
+    create_position_ids_from_input_ids: each token numbered past the padding), so the kernel can count them
+    itself; else None."""
     shifted = _int_operand(operands(ids, ADD))
-    product = operands(_int_source(shifted[0]), MUL) if shifted is not None else None
+    product = operands(_uncast(shifted[0]), MUL) if shifted is not None else None
     if product is None:
         return None
     padding_idx = shifted[1]
     for running, mask in (product, product[::-1]):
-        compared = _int_source(mask)
+        compared = _uncast(mask)
         if not is_call(compared, "ne", torch.ne, operator.ne) or arg(compared, 1, "other") != padding_idx:
             continue
-        token_ids, past = arg(compared, 0, "input"), _int_operand(operands(_int_source(running), ADD))
-        running, past_length = (_int_source(past[0]), past[1]) if past is not None else (_int_source(running), 0)
+        token_ids, past = arg(compared, 0, "input"), _int_operand(operands(_uncast(running), ADD))
+        running, past_length = (_uncast(past[0]), past[1]) if past is not None else (_uncast(running), 0)
         token_value, ids_value = fake(token_ids), fake(ids)
-        if (not is_call(running, torch.cumsum, "cumsum") or _int_source(arg(running, 0, "input")) is not compared
+        if (not is_call(running, torch.cumsum, "cumsum") or _uncast(arg(running, 0, "input")) is not compared
                 or token_value is None or ids_value is None or past_length < 0):
             continue
         along_seq = arg(running, 1, "dim") in (-1, token_value.dim() - 1)
@@ -195,7 +193,9 @@ def embedding_layer_norm(node: fx.Node) -> bool:
         check(table_value.dim() == 2 and table_value.dtype == x_value.dtype, f"table {i} is not 2-D in x's dtype")
         check(table_value.device == x_value.device, f"table {i} is on {table_value.device}, x on {x_value.device}")
         through_map = _read_through_map(ids_i)
-        others = [fake(other) for other in ids] + [fake(later) for later, _ in lookups[i + 1:]]  # as the op reads them
+        # the ids as the op reads them: a counted lookup reads positions of the token ids' shape
+        others = [fake(counted[0] if other is None else other) for other in ids] + [
+            fake(later) for later, _ in lookups[i + 1:]]
         if (through_map is not None and fake(through_map[1]).device == x_value.device
                 and _broadcast_kept(ids_value, fake(through_map[0]), others)):
             ids_i, id_map = through_map
@@ -237,10 +237,6 @@ def linear_layer_norm(node: fx.Node) -> bool:
         return False
     replace(node, ops.linear_layer_norm, *linear.args, residual, *node.args[1:])
     return True
-
-
-def _uncast(node: object) -> object:
-    return node.args[0] if is_cast(node) else node
 
 
 def _mean_square_plus_eps(node: object) -> tuple[fx.Node, object] | None:

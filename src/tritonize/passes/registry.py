@@ -191,9 +191,9 @@ def operands(node: object, targets: Sequence[Target]) -> tuple[Any, Any] | None:
 
 
 def is_cast(node: object) -> bool:
-    """True for a pure dtype conversion (x.to(dtype), .float(), .half(), .type_as(y), ...): same shape
-    and device in and out, so a pattern may look through it."""
-    if not is_call(node, "to", "float", "half", "bfloat16", "type", "type_as"):
+    """True for a pure dtype conversion (x.to(dtype), .float(), .half(), .int(), .long(), .type_as(y), ...): same
+    shape and device in and out, so a pattern may look through it."""
+    if not is_call(node, "to", "float", "double", "half", "bfloat16", "int", "long", "bool", "type", "type_as"):
         return False
     out, src = fake(node), fake(node.args[0])
     return out is not None and src is not None and same_shape(out, src) and out.device == src.device
