@@ -1,5 +1,6 @@
 """Shape buckets, padding, output slicing and the bucketed runner (CPU; CUDA graphs on the GPU)."""
 
+import gc
 import inspect
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tritonize.runtime.buckets import ShapeBuckets, pad_to, unpadded_outputs
-from tritonize.runtime.cuda_graphs import BucketedRunner
+from tritonize.runtime.cuda_graphs import BucketedRunner, cyclic_gc_paused
 
 
 def test_power_of_two_buckets_and_fit():
@@ -143,6 +144,34 @@ def test_runner_verifies_first_call_of_each_bucket():
     for shape in [(2, 7), (2, 9), (1, 20), (2, 5)]:
         runner(torch.randint(1, 50, shape))
     assert seen == [(2, 7), (1, 20)]  # (2, 9) and (2, 5) share the (2, 16) bucket
+
+
+def test_cyclic_gc_is_paused_for_a_new_bucket_only():
+    """A new bucket's first call (compile, capture) runs with the cyclic collector off; later calls of that bucket
+    with it on; a collector the caller turned off stays off."""
+    model, seen = MaskedMean(), []
+    runner = make_runner(model, [])
+    compiled = runner.compiled
+
+    def recording(**kwargs):
+        seen.append(gc.isenabled())
+        return compiled(**kwargs)
+
+    runner.compiled = recording
+    assert gc.isenabled()
+    for shape in [(2, 7), (2, 9), (1, 20)]:
+        runner(torch.randint(1, 50, shape))
+    assert seen == [False, True, False] and gc.isenabled()
+    gc.disable()
+    try:
+        with cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), cyclic_gc_paused():
+        raise RuntimeError("a failing warm-up")
+    assert gc.isenabled()
 
 
 @pytest.mark.gpu

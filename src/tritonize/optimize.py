@@ -21,7 +21,7 @@ from tritonize.passes.hf_attention import set_attention_implementation, use_trit
 from tritonize.reporting import Report
 from tritonize.runtime.backend import tritonize_backend
 from tritonize.runtime.buckets import ShapeBuckets
-from tritonize.runtime.cuda_graphs import BucketedRunner, VerificationError
+from tritonize.runtime.cuda_graphs import BucketedRunner, VerificationError, cyclic_gc_paused
 
 __all__ = ["optimize_model", "report", "VerificationError"]
 
@@ -210,10 +210,11 @@ def optimize_model(
 
     _raise_recompile_limit()
     found = Report()
-    previous_attention = use_tritonize_attention(target, found)
-    original_forward = target.forward
-    signature = inspect.signature(original_forward)
-    compiled, regions = _compiled_forward(target, found)
+    with cyclic_gc_paused():  # torch.compile's first use imports much of torch._dynamo and torch._inductor
+        previous_attention = use_tritonize_attention(target, found)
+        original_forward = target.forward
+        signature = inspect.signature(original_forward)
+        compiled, regions = _compiled_forward(target, found)
     if tune:
         compiled = _autotuned(compiled)
     config = getattr(target, "config", None)
