@@ -91,6 +91,18 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def min_embedding_cosine(hidden: torch.Tensor, ref: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """The lowest cosine, over the batch, between sentence embeddings mean-pooled over the real tokens (what
+    all-MiniLM-L6-v2's sentence-transformers pipeline does before normalizing) from `hidden` and from `ref`."""
+    real = attention_mask.unsqueeze(-1).bool()
+    count = real.sum(1).clamp_min(1)
+
+    def pooled(states: torch.Tensor) -> torch.Tensor:
+        return torch.where(real, states.double(), 0.0).sum(1) / count  # padding's values never enter
+
+    return torch.nn.functional.cosine_similarity(pooled(hidden), pooled(ref), dim=-1).min().item()
+
+
 def first_call_seconds(model_name: str, batch: int = 1, seq: int = 16) -> float:
     """Seconds from optimize_model to the first output of a fresh fp16 model on the GPU (this process)."""
     model, make_inputs = build_model(model_name, "sdpa")
@@ -188,12 +200,13 @@ def run(model_name: str, shapes=SHAPES, max_autotune: bool = False, tune: bool =
                 torch.cuda.synchronize()
                 warmup_s = time.perf_counter() - first
                 error = relative_error(_hidden(out).float(), expected)
+                cosine = min_embedding_cosine(_hidden(out), expected, inputs["attention_mask"])
                 ms = float(do_bench(lambda model=model, inputs=inputs: model(**inputs), warmup=25, rep=200,
                                     return_mode="median"))
                 rows.append(Row("encoder", f"{model_name} b{batch} s{seq}", engine, "float16", ms,
-                                batch * seq / ms * 1e3, "tokens/s", None, error, warmup_s))
+                                batch * seq / ms * 1e3, "tokens/s", None, error, warmup_s, cosine))
                 progress(f"  b{batch} s{seq} {engine:26s} {ms:8.3f} ms  first call {warmup_s:6.2f} s  "
-                         f"error {error:.1e}")
+                         f"error {error:.1e}  min cosine {cosine:.6f}")
     lengths = many_lengths(model_name)
     progress(f"50 random lengths at batch 1: {lengths}")
     first_process, warm_runs = first_call_in_new_process(model_name)

@@ -26,6 +26,7 @@ class Row:
     fraction_of_ceiling: float | None  # rate over the card's measured ceiling for that unit
     max_rel_error: float | None  # ||out - ref|| / ||ref|| against an fp32 reference
     warmup_s: float | None = None  # seconds of the first call at this shape (compile, capture)
+    min_cosine: float | None = None  # encoders: the lowest cosine of a mean-pooled embedding to the reference's
 
 
 def provenance() -> dict:
@@ -68,10 +69,13 @@ def speedups(rows: list[Row]) -> dict[tuple[str, str, str], tuple[float, str]]:
 
 
 def markdown_table(rows: list[Row]) -> str:
+    """The rows as a Markdown table; a "min cosine" column when any row has one."""
     ratio = speedups(rows)
+    with_cosine = any(r.min_cosine is not None for r in rows)
     lines = [
-        "| workload | shape | dtype | engine | median ms | rate | of ceiling | rel. error | speed-up vs best other |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | shape | dtype | engine | median ms | rate | of ceiling | rel. error | "
+        + ("min cosine | " if with_cosine else "") + "speed-up vs best other |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_cosine else ""),
     ]
     for r in rows:
         rate = f"{r.rate:.1f} {r.unit}" if r.rate is not None else ""
@@ -81,8 +85,9 @@ def markdown_table(rows: list[Row]) -> str:
         if r.engine == "tritonize" and (r.workload, r.shape, r.dtype) in ratio:
             x, other = ratio[(r.workload, r.shape, r.dtype)]
             speed = f"**{x:.2f}x** ({other})"
+        cosine = "" if not with_cosine else f"{r.min_cosine:.6f} | " if r.min_cosine is not None else " | "
         lines.append(f"| {r.workload} | {r.shape} | {r.dtype} | {r.engine} | {r.median_ms:.4f} | {rate} | {frac} "
-                     f"| {err} | {speed} |")
+                     f"| {err} | {cosine}{speed} |")
     return "\n".join(lines)
 
 
