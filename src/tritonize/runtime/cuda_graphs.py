@@ -44,8 +44,9 @@ def cyclic_gc_paused():
     """Python's cyclic garbage collector paused within (reference counting still frees memory), restored after
     unless it was already off. Warm-up (TorchDynamo tracing, lazy imports, capture) allocates hundreds of
     thousands of objects while torch, transformers and sympy hold millions, so the collector's full passes
-    cost 0.3 s of a bert-base first call (1.64 -> 1.34 s on a CPU, torch 2.11); what it would have found is
-    collected at its next pass."""
+    cost 0.3 s of a bert-base first call in a new process (H100, torch 2.11: median 3.15 -> 2.84 s); what it
+    would have found is collected at its next pass. Concurrent warm-ups in several threads may re-enable it
+    early (only their speed changes); one turned off by the caller is never turned on."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
