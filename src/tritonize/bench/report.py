@@ -85,7 +85,9 @@ def markdown_table(rows: list[Row]) -> str:
         if r.engine == "tritonize" and (r.workload, r.shape, r.dtype) in ratio:
             x, other = ratio[(r.workload, r.shape, r.dtype)]
             speed = f"**{x:.2f}x** ({other})"
-        cosine = "" if not with_cosine else f"{r.min_cosine:.6f} | " if r.min_cosine is not None else " | "
+        cosine = ""
+        if with_cosine:
+            cosine = f"{r.min_cosine:.6f} | " if r.min_cosine is not None else " | "
         lines.append(f"| {r.workload} | {r.shape} | {r.dtype} | {r.engine} | {r.median_ms:.4f} | {rate} | {frac} "
                      f"| {err} | {cosine}{speed} |")
     return "\n".join(lines)

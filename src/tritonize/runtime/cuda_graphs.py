@@ -112,8 +112,9 @@ class BucketedRunner:
         self._var_positional = kinds.get(inspect.Parameter.VAR_POSITIONAL)
         named = [param for param in signature.parameters.values() if param.kind in (
             inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-        self._named = [param.name for param in named]
-        self._required = [param.name for param in named if param.default is inspect.Parameter.empty]
+        self._named = [param.name for param in named]  # in the forward's order: the first tensor sets the shape
+        self._named_set = frozenset(self._named)
+        self._required = frozenset(param.name for param in named if param.default is inspect.Parameter.empty)
         self._entries: dict[tuple, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -123,8 +124,7 @@ class BucketedRunner:
             self._entries.clear()
 
     def __call__(self, *args, **kwargs):
-        if (not args and len(kwargs) == sum(name in kwargs for name in self._named)
-                and all(name in kwargs for name in self._required)):
+        if not args and self._required <= kwargs.keys() <= self._named_set:
             call = {name: kwargs[name] for name in self._named if name in kwargs}  # what bind gives, sooner
         else:
             call = dict(self.signature.bind(*args, **kwargs).arguments)
