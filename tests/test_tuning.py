@@ -62,6 +62,22 @@ def test_shipped_table_holds_valid_linear_configs():
                 LinearConfig(**config)
 
 
+def test_shipped_h100_bert_base_table_adds_no_tiled_variant_at_the_largest_shape_class():
+    """A new bucket's warm-up is mostly the Triton variants it compiles first. On the H100, bert-base's 32 x 512
+    bucket (M class 16384) reuses the tiled configs of its 8 x 512 one (M class 4096), each measured within 1 %
+    of that shape's fastest (docs/kernels.md), so it compiles no new linear variant. Re-tuning the table must
+    keep this or say in docs/kernels.md why a new variant is worth its compile."""
+    per_card = json.loads(tuning.SHIPPED.read_text())["entries"]["linear"]["NVIDIA H100 80GB HBM3"]
+
+    def tiled(m_class):
+        return {(key.split(" ", 4)[4], json.dumps(config, sort_keys=True)) for key, config in per_card.items()
+                if key.startswith(f"M{m_class} ") and " float16 " in key and "backend" not in config}
+
+    largest = tiled(16384)  # (activation, bias and residual flags; config): what a Triton variant compiles for
+    assert largest, "the H100 table lost its bert-base entries at M16384"
+    assert largest <= tiled(4096), f"new variants at M16384: {largest - tiled(4096)}"
+
+
 def test_autotuning_flag_is_scoped():
     assert not tuning.is_autotuning()
     with tuning.autotuning():
