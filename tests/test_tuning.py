@@ -1,5 +1,6 @@
 """The tuning cache: JSON round trip, layering over the shipped table, bad files, and ops.linear using it."""
 
+import dataclasses
 import json
 import logging
 
@@ -76,6 +77,46 @@ def test_shipped_h100_bert_base_table_adds_no_tiled_variant_at_the_largest_shape
     largest = tiled(16384)  # (activation, bias and residual flags; config): what a Triton variant compiles for
     assert largest, "the H100 table lost its bert-base entries at M16384"
     assert largest <= tiled(4096), f"new variants at M16384: {largest - tiled(4096)}"
+
+
+def test_entries_lists_one_cards_configs_the_users_over_the_shipped(tmp_path):
+    shipped, user = tmp_path / "shipped.json", tmp_path / "user.json"
+    write(shipped, {"linear": {"card": {"k1": {"from": "shipped"}, "k2": {"from": "shipped"}}, "other": {"k3": {}}}})
+    write(user, {"linear": {"card": {"k1": {"from": "user"}}}})
+    found = tuning.TuningCache(user, shipped=shipped)
+    assert found.entries("linear", "card") == {"k1": {"from": "user"}, "k2": {"from": "shipped"}}
+    assert found.entries("linear", "no such card") == {}
+
+
+FAST, NEAR, FAR = (LinearConfig(128, 256, 64, num_warps=8), LinearConfig(128, 128, 64, num_warps=8),
+                   LinearConfig(64, 64, 64))
+
+
+@pytest.mark.parametrize(("in_use", "chosen"), [
+    (set(), FAST),  # nothing compiled yet: the fastest
+    ({NEAR}, NEAR),  # 1.5 % slower but already compiled for another shape: kept
+    ({FAR}, FAST),  # 3 % slower: a new variant is worth its compile
+    ({NEAR, FAR}, NEAR),
+    ({FAST, NEAR}, FAST),  # the fastest is in use too
+])
+def test_tuning_prefers_a_variant_in_use_within_the_tolerance(in_use, chosen):
+    timed = [(FAR, 1.03), (FAST, 1.0), (NEAR, 1.015)]
+    assert tritonize.ops.SHARED_VARIANT_TOLERANCE == 0.02
+    assert tritonize.ops.prefer_variants_in_use(timed, in_use) == (chosen, dict(timed)[chosen])
+
+
+def test_variants_in_use_are_the_tiled_configs_of_the_same_epilogue(tmp_path, monkeypatch):
+    monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
+    for key, config in [("M4096 N768 K768 float16 none bias=True residual=True", FAST),
+                        ("M16 N768 K3072 float16 none bias=True residual=True", NEAR),
+                        ("M4096 N3072 K768 float16 gelu bias=True residual=False", FAR),  # another epilogue
+                        ("M4096 N768 K768 bfloat16 none bias=True residual=True", FAR),  # another dtype
+                        ("M512 N768 K768 float16 none bias=True residual=True", {"backend": tritonize.ops.CUBLAS})]:
+        tuning.cache().put("linear", "card", key, config if isinstance(config, dict) else dataclasses.asdict(config))
+    tuning.cache().put("linear", "another card", "M16 N8 K8 float16 none bias=True residual=True",
+                       dataclasses.asdict(FAR))
+    in_use = tritonize.ops._tiled_configs_in_use("card", "float16 none bias=True residual=True")
+    assert in_use == {FAST, NEAR}
 
 
 def test_autotuning_flag_is_scoped():

@@ -68,6 +68,10 @@ class TuningCache:
                 return found
         return None
 
+    def entries(self, kernel: str, card: str) -> dict[str, dict]:
+        """Every {shape key: config} of one kernel on one card, the user's over the shipped ones."""
+        return {**self._shipped.get(kernel, {}).get(card, {}), **self._user.get(kernel, {}).get(card, {})}
+
     def put(self, kernel: str, card: str, key: str, config: dict) -> None:
         """Records a measured config and rewrites the user's file (atomically: temp file, then rename)."""
         with _lock:
