@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import triton.testing
 from helpers import assert_close
 
 import tritonize.ops
@@ -181,4 +182,30 @@ def test_autotuning_times_candidates_once_and_stores_the_fastest(tmp_path, monke
     assert list(stored) == ["M256 N384 K256 float16 relu bias=False residual=False"]
     entry = stored["M256 N384 K256 float16 relu bias=False residual=False"]
     assert entry == {"backend": tritonize.ops.CUBLAS} or LinearConfig(**entry)
+    assert_close(out, reference.linear(x.double(), weight.double(), None, "relu", None), torch.float16)
+
+
+@pytest.mark.gpu
+def test_autotuning_times_the_configs_in_use_and_keeps_one_within_the_tolerance(tmp_path, monkeypatch):
+    """A config stored for another shape with the same epilogue is timed with the candidates and kept when
+    within SHARED_VARIANT_TOLERANCE of the fastest (timings faked: the choice, not the clock, is under test)."""
+    monkeypatch.setenv(tuning.ENV_PATH, str(tmp_path / "tuning.json"))
+    card = torch.cuda.get_device_name()
+    in_use = LinearConfig(32, 64, 32, num_warps=2, num_stages=2)  # no candidate of the sweep
+    tuning.cache().put("linear", card, "M64 N96 K32 float16 relu bias=False residual=False", dataclasses.asdict(in_use))
+    timed_candidates = []
+
+    def fake_timing(x, weight, bias, activation, residual, candidates):
+        timed_candidates.extend(candidates)
+        return [(config, 1.015 if config == in_use else 1.0) for config in candidates]
+
+    monkeypatch.setattr(tritonize.ops, "time_linear_configs", fake_timing)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda *args, **kwargs: 2.0)  # cuBLAS: slower
+    x = torch.randn(200, 256, device="cuda", dtype=torch.float16)
+    weight = torch.randn(384, 256, device="cuda", dtype=torch.float16)
+    with tuning.autotuning():
+        out = tritonize.ops.linear(x, weight, activation="relu")
+    assert in_use in timed_candidates and len(timed_candidates) > 1
+    stored = tuning.cache().get("linear", card, "M256 N384 K256 float16 relu bias=False residual=False")
+    assert stored == dataclasses.asdict(in_use)
     assert_close(out, reference.linear(x.double(), weight.double(), None, "relu", None), torch.float16)

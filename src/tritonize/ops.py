@@ -224,22 +224,24 @@ def _cublas_linear(x2d, weight, bias, activation, residual) -> torch.Tensor:
 def _tuned_linear_config(x2d, weight, bias, activation, residual) -> LinearConfig | str | None:
     """The tuning cache's choice for this shape class (M rounded up to a power of two): a LinearConfig, or
     CUBLAS. On a miss under `tuning.autotuning()` (CUDA only, never while capturing a graph) the tiled
-    candidates and the cuBLAS route are timed first and the fastest stored; otherwise None: the kernel's
-    shape heuristic."""
+    candidates and the cuBLAS route are timed first and the fastest stored (or a tiled config already in use
+    for another shape, when within SHARED_VARIANT_TOLERANCE of it); otherwise None: the kernel's shape
+    heuristic."""
     (M, K), N = x2d.shape, weight.shape[0]
     card = card_name(x2d.device)
     epilogue = (f"{str(x2d.dtype).removeprefix('torch.')} {activation or 'none'} bias={bias is not None} "
-                f"residual={residual is not None}")  # with a tiled config: what one Triton variant compiles
+                f"residual={residual is not None}")  # with a tiled config: what a Triton variant compiles
     key = f"M{max(16, 1 << (M - 1).bit_length())} N{N} K{K} {epilogue}"
     entry = tuning.cache().get("linear", card, key)
     if entry is not None:
         return CUBLAS if entry.get("backend") == CUBLAS else LinearConfig(**entry)
     if not (tuning.is_autotuning() and x2d.is_cuda) or torch.cuda.is_current_stream_capturing():
         return None
-    timed = time_linear_configs(x2d, weight, bias, activation, residual,
-                                tuning_candidates(M, N, K, x2d.dtype, x2d.device))
+    in_use = _tiled_configs_in_use(card, epilogue)  # timed too: compiled already, they cost no compile
+    candidates = list(dict.fromkeys([*tuning_candidates(M, N, K, x2d.dtype, x2d.device), *in_use]))
+    timed = time_linear_configs(x2d, weight, bias, activation, residual, candidates)
     fastest_ms, heuristic_ms = min(ms for _, ms in timed), timed[0][1]
-    best, best_ms = prefer_variants_in_use(timed, _tiled_configs_in_use(card, epilogue))
+    best, best_ms = prefer_variants_in_use(timed, in_use)
     cublas_ms = math.inf  # fp32 stays on the exact tiled kernels (cuBLAS may run fp32 on TF32 tensor cores)
     if x2d.dtype != torch.float32:
         cublas_ms = triton.testing.do_bench_cudagraph(
@@ -255,9 +257,10 @@ def _tuned_linear_config(x2d, weight, bias, activation, residual) -> LinearConfi
     return best
 
 
-# Tuning keeps a tiled config already in use for another shape with the same epilogue (one Triton variant,
-# compiled once for both) over a new one that is at most this much faster: a new variant costs a bucket
-# about a second of compiling on its first call (an H100 compiles a 128 x 256 tile in 1-1.5 s).
+# Tuning keeps a tiled config already in use for another shape with the same epilogue over a new one that is
+# at most this much faster: the two shapes then share a Triton variant (always for persistent configs; the
+# pointer kernel also specializes on whether K splits evenly), and a new variant costs a bucket about a
+# second of compiling on its first call (an H100 compiles a 128 x 256 tile in 1-1.5 s).
 SHARED_VARIANT_TOLERANCE = 0.02
 
 
