@@ -278,7 +278,7 @@ def _tiled_configs_in_use(card: str, epilogue: str) -> set[LinearConfig]:
     """The tiled configs the tuning cache holds for this card and epilogue (dtype, activation, bias, residual)
     at any shape."""
     return {LinearConfig(**config) for key, config in tuning.cache().entries("linear", card).items()
-            if key.split(" ", 3)[3] == epilogue and config.get("backend") != CUBLAS}
+            if key.split(" ", 3)[3:] == [epilogue] and config.get("backend") != CUBLAS}
 
 
 @_linear_op.register_fake
