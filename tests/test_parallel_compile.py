@@ -108,13 +108,28 @@ def test_tune_turns_discovery_off():
 # -- the bookkeeping, with stand-ins for Triton's JIT functions (CPU) --------------------------------
 
 
+class FakeCompiledKernel:
+    """What compile_in_parallel uses of a CompiledKernel: _init_handles (launcher and binary, as at a first
+    launch), which sets module and _run."""
+
+    def __init__(self, key, loads_fail=False):
+        self.key, self.loads_fail, self.module, self._run, self.prepared_in = key, loads_fail, None, None, None
+
+    def _init_handles(self):
+        self.prepared_in = threading.current_thread().name
+        self._run = "launcher"
+        if self.loads_fail:
+            raise RuntimeError(f"cannot load {self.key}")
+        self.module = f"module {self.key}"
+
+
 class FakeJitFunction:
     """What compile_in_parallel uses of a JITFunction: device_caches and preload, which submits its compile to
     the active AsyncCompileMode like Triton's does."""
 
-    def __init__(self, failing=()):
+    def __init__(self, failing=(), loads_failing=()):
         self.device_caches = defaultdict(lambda: ({}, {}, None, None, None))
-        self.failing, self.preloaded, self.compiled_in = set(failing), [], []
+        self.failing, self.loads_failing, self.preloaded, self.compiled_in = set(failing), set(loads_failing), [], []
 
     def preload(self, specialization_data):
         key = json.loads(specialization_data)["key"]
@@ -126,7 +141,7 @@ class FakeJitFunction:
             self.compiled_in.append(threading.current_thread().name)
             if key in self.failing:
                 raise RuntimeError(f"cannot compile {key}")
-            return f"kernel {key}"
+            return FakeCompiledKernel(key, loads_fail=key in self.loads_failing)
 
         def finalize(kernel):
             self.device_caches[0][0][key] = kernel
@@ -163,12 +178,13 @@ def test_kernels_outside_tritonize_launch_during_discovery(as_if_compiled, monke
 
 
 def test_discovery_skips_records_and_compiles_in_threads(as_if_compiled, caplog):
-    fake = FakeJitFunction(failing={"bad"})
+    fake = FakeJitFunction(failing={"bad"}, loads_failing={"unloadable"})
     seen = {}
 
     def run():
         seen["a"] = [fake.launch("a", {(3,): 64}), fake.launch("a", {(3,): 64})]
         seen["b"] = fake.launch("b", {(3,): 128, (4,): "gelu"})
+        seen["unloadable"] = fake.launch("unloadable", {(3,): 256})
         seen["bad"] = fake.launch("bad", {(3,): 1.5})
         # constexprs that preload would rebuild differently (tuple -> list, "fp16" -> a Triton dtype,
         # torch.float16 -> its name) compile and launch as usual
@@ -180,12 +196,19 @@ def test_discovery_skips_records_and_compiles_in_threads(as_if_compiled, caplog)
         raise ValueError("garbage read on the host")  # ends the discovery; what was found still compiles
 
     caplog.set_level(logging.DEBUG, logger="tritonize")
-    assert compile_in_parallel(run, workers=2) == 2
-    assert seen == {"a": ["skipped", "skipped"], "b": "skipped", "bad": "skipped",
+    assert compile_in_parallel(run, workers=2) == 3
+    assert seen == {"a": ["skipped", "skipped"], "b": "skipped", "unloadable": "skipped", "bad": "skipped",
                     "unfaithful": ["launched", "launched", "launched"], "other thread": "launched"}
-    assert fake.preloaded == ["a", "b", "bad"]  # one compile per kernel variant
-    assert set(fake.device_caches[0][0]) == {"a", "b"}  # "bad" is left to its next real launch
+    assert fake.preloaded == ["a", "b", "unloadable", "bad"]  # one compile per kernel variant
+    kernels = fake.device_caches[0][0]
+    assert set(kernels) == {"a", "b", "unloadable"}  # "bad" is left to its next real launch
     assert all(name.startswith("tritonize-compile") for name in fake.compiled_in)
+    # launchers built and binaries loaded in the compile threads, not at the first launch
+    assert all(kernels[key].module == f"module {key}" and kernels[key].prepared_in.startswith("tritonize-compile")
+               for key in ("a", "b"))
+    # a kernel that did not load is left as never loaded: its first launch tries again (and raises there)
+    assert kernels["unloadable"].module is None and kernels["unloadable"]._run is None
+    assert "cannot load unloadable" in caplog.text
     assert "cannot compile bad" in caplog.text and "garbage read on the host" in caplog.text
     assert triton.knobs.runtime.jit_cache_hook is None and _async_compile.active_mode.get() is None
     assert fake.launch("c", {(3,): 1}) == "launched"  # after the discovery, launches are real again
@@ -264,6 +287,8 @@ def test_compiles_kernels_in_parallel_without_launching_them(monkeypatch):
     assert all(out.isnan().all() for out in during["outs"]), "a skipped launch wrote its output"
     torch.testing.assert_close(during["other thread"], x * other)  # other threads compile and launch as usual
     assert len(compiles) == 3 and len(kernel_cache) == cached_before + 3
+    # the launchers are built and the binaries loaded in the compile threads: the first launch only launches
+    assert all(kernel.module is not None for kernel in kernel_cache.values())
     for factor in (first, second):
         torch.testing.assert_close(scale(x, factor), x * factor)
     assert len(compiles) == 3, "a kernel compiled in parallel was compiled again at its launch"

@@ -3,8 +3,9 @@
 Triton compiles a kernel variant the first time it is launched, one after another, although its compiles
 release the GIL for much of their work. `compile_in_parallel(run)` calls `run` once as a *discovery* run
 in which every launch that would need a compile is recorded and skipped, then compiles all recorded
-variants at once in a thread pool (Triton 3.6's `AsyncCompileMode` + `JITFunction.preload`), so that the
-next real run finds every kernel in Triton's in-memory cache. Must never import torch.fx, Dynamo or
+variants at once in a thread pool (Triton 3.6's `AsyncCompileMode` + `JITFunction.preload`) and, in the
+same threads, builds their launchers and loads them, so that the next real run finds every kernel in
+Triton's in-memory cache ready to launch. Must never import torch.fx, Dynamo or
 transformers.
 """
 
@@ -144,6 +145,19 @@ def _on_device(device: int):
     return torch.cuda.device(device) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
+def _prepare_launch(kernel, device: int) -> None:
+    """What Triton does at a compiled kernel's first launch, one kernel after another: build its launcher (a C
+    extension per argument signature, compiled with the host's C compiler: about half a second each on a cold
+    cache) and load its binary onto the device. Done here in the compile threads."""
+    with _on_device(device):
+        try:
+            kernel._init_handles()
+        except Exception:
+            if kernel.module is None:  # not loaded: the first launch starts over (and raises as it would have)
+                kernel._run = None
+            raise
+
+
 def compile_in_parallel(run: Callable[[], object], workers: int | None = None) -> int:
     """Calls `run()` once as a discovery run, then compiles in `workers` threads (default min(8, CPU count))
     every Triton kernel variant it would have compiled; returns how many are now in Triton's in-memory cache.
@@ -227,6 +241,12 @@ def _compile_all(pending: list[_Pending], workers: int | None) -> int:
             if future.exception() is not None:
                 logger.debug("tritonize: a parallel compile failed; the kernel's next launch compiles it again "
                              "(%s: %s)", type(future.exception()).__name__, future.exception())
+        compiled = [(item.jit_function.device_caches[item.device][0].get(item.key), item.device) for item in pending]
+        loads = [pool.submit(_prepare_launch, kernel, device) for kernel, device in compiled if kernel is not None]
+        for future in loads:
+            if future.exception() is not None:  # the first launch tries again and raises as it always did
+                logger.debug("tritonize: loading a kernel compiled in parallel failed (%s: %s)",
+                             type(future.exception()).__name__, future.exception())
     ready = sum(item.key in item.jit_function.device_caches[item.device][0] for item in pending)
     logger.debug("tritonize: %d of %d kernels compiled in %d threads in %.2f s", ready, len(pending), workers,
                  time.perf_counter() - start)
