@@ -42,6 +42,19 @@ def _timed(record: list, label: str, function):
     return wrapper
 
 
+def _summary(record: list) -> dict:
+    """The phases of one bucket's capture by name, where the record has the runner's usual sequence: the
+    compiled forward's discovery run (inside the parallel compile), the parallel compile, the warm-up runs,
+    the captured run, then the capture in all (each entry is appended when its call returns)."""
+    labels = [label for label, _, _ in record]
+    if labels[:2] != ["compiled forward", "discovery + parallel compile"] or labels[-1] != "capture in all":
+        return {}
+    seconds = [s for _, s, _ in record]
+    return {"discovery_run_s": seconds[0], "parallel_compile_s": seconds[1] - seconds[0],
+            "kernels_compiled": record[1][2], "warmup_runs_s": seconds[2:-2], "captured_run_s": seconds[-2],
+            "capture_rest_s": seconds[-1] - sum(seconds[1:-1])}
+
+
 def _cache_files() -> int:
     cache_dir = Path(triton.knobs.cache.dir)
     return sum(1 for path in cache_dir.rglob("*") if path.is_file()) if cache_dir.is_dir() else 0
@@ -84,7 +97,7 @@ def main() -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
         first_call_s = time.perf_counter() - start
-        bucket = {"shape": f"{batch}x{seq}", "first_call_s": first_call_s,
+        bucket = {"shape": f"{batch}x{seq}", "first_call_s": first_call_s, **_summary(record),
                   "phases": [{"phase": label, "seconds": seconds, **({"kernels": count} if count is not None else {})}
                              for label, seconds, count in record]}
         buckets.append(bucket)
