@@ -199,8 +199,9 @@ def run(model_name: str, shapes=SHAPES, max_autotune: bool = False, tune: bool =
                 out = model(**inputs)
                 torch.cuda.synchronize()
                 warmup_s = time.perf_counter() - first
-                error = relative_error(_hidden(out).float(), expected)
-                cosine = min_embedding_cosine(_hidden(out), expected, inputs["attention_mask"])
+                hidden = _hidden(out)
+                error = relative_error(hidden.float(), expected)
+                cosine = min_embedding_cosine(hidden, expected, inputs["attention_mask"])
                 ms = float(do_bench(lambda model=model, inputs=inputs: model(**inputs), warmup=25, rep=200,
                                     return_mode="median"))
                 rows.append(Row("encoder", f"{model_name} b{batch} s{seq}", engine, "float16", ms,

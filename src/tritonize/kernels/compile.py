@@ -247,7 +247,7 @@ def _compile_all(pending: list[_Pending], workers: int | None) -> int:
             if future.exception() is not None:  # the first launch tries again and raises as it always did
                 logger.debug("tritonize: loading a kernel compiled in parallel failed (%s: %s)",
                              type(future.exception()).__name__, future.exception())
-    ready = sum(item.key in item.jit_function.device_caches[item.device][0] for item in pending)
+    ready = len(loads)  # the kernels now in Triton's in-memory cache
     logger.debug("tritonize: %d of %d kernels compiled in %d threads in %.2f s", ready, len(pending), workers,
                  time.perf_counter() - start)
     return ready
