@@ -112,8 +112,9 @@ class FakeCompiledKernel:
     """What compile_in_parallel uses of a CompiledKernel: _init_handles (launcher and binary, as at a first
     launch), which sets module and _run."""
 
-    def __init__(self, key, loads_fail=False):
-        self.key, self.loads_fail, self.module, self._run, self.prepared_in = key, loads_fail, None, None, None
+    def __init__(self, key, loads_fail=False, after_load=None):
+        self.key, self.loads_fail, self.after_load = key, loads_fail, after_load
+        self.module, self._run, self.prepared_in = None, None, None
 
     def _init_handles(self):
         self.prepared_in = threading.current_thread().name
@@ -121,15 +122,19 @@ class FakeCompiledKernel:
         if self.loads_fail:
             raise RuntimeError(f"cannot load {self.key}")
         self.module = f"module {self.key}"
+        if self.after_load is not None:
+            self.after_load(self.key)
 
 
 class FakeJitFunction:
     """What compile_in_parallel uses of a JITFunction: device_caches and preload, which submits its compile to
-    the active AsyncCompileMode like Triton's does."""
+    the active AsyncCompileMode like Triton's does. compile_first: {key: function} called in the compile thread
+    before that kernel compiles; after_load(key): called once a kernel is loaded."""
 
-    def __init__(self, failing=(), loads_failing=()):
+    def __init__(self, failing=(), loads_failing=(), compile_first=None, after_load=None):
         self.device_caches = defaultdict(lambda: ({}, {}, None, None, None))
         self.failing, self.loads_failing, self.preloaded, self.compiled_in = set(failing), set(loads_failing), [], []
+        self.compile_first, self.after_load = compile_first or {}, after_load
 
     def preload(self, specialization_data):
         key = json.loads(specialization_data)["key"]
@@ -139,9 +144,11 @@ class FakeJitFunction:
 
         def compile_kernel():
             self.compiled_in.append(threading.current_thread().name)
+            if key in self.compile_first:
+                self.compile_first[key]()
             if key in self.failing:
                 raise RuntimeError(f"cannot compile {key}")
-            return FakeCompiledKernel(key, loads_fail=key in self.loads_failing)
+            return FakeCompiledKernel(key, loads_fail=key in self.loads_failing, after_load=self.after_load)
 
         def finalize(kernel):
             self.device_caches[0][0][key] = kernel
@@ -240,6 +247,17 @@ def test_discovery_skips_records_and_compiles_in_threads(as_if_compiled, caplog)
     assert "cannot compile bad" in caplog.text and "garbage read on the host" in caplog.text
     assert triton.knobs.runtime.jit_cache_hook is None and _async_compile.active_mode.get() is None
     assert fake.launch("c", {(3,): 1}) == "launched"  # after the discovery, launches are real again
+
+
+def test_a_launcher_is_built_while_other_kernels_still_compile(as_if_compiled):
+    """Each kernel's launch is prepared right after its own compile, not once every compile has finished:
+    here the slow kernel's compile waits for the fast kernel's launcher."""
+    fast_loaded, waited = threading.Event(), []
+    fake = FakeJitFunction(compile_first={"slow": lambda: waited.append(fast_loaded.wait(timeout=10))},
+                           after_load=lambda key: key == "fast" and fast_loaded.set())
+    assert compile_in_parallel(lambda: [fake.launch("slow", {}), fake.launch("fast", {})], workers=2) == 2
+    assert waited == [True]
+    assert all(kernel.module is not None for kernel in fake.device_caches[0][0].values())
 
 
 def test_discovery_steps_aside(as_if_compiled, monkeypatch):

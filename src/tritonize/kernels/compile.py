@@ -4,8 +4,8 @@ Triton compiles a kernel variant the first time it is launched, one after anothe
 release the GIL for much of their work. `compile_in_parallel(run)` calls `run` once as a *discovery* run
 in which every launch that would need a compile is recorded and skipped, then compiles all recorded
 variants at once in a thread pool (Triton 3.6's `AsyncCompileMode` + `JITFunction.preload`) and, in the
-same threads, builds their launchers and loads them, so that the next real run finds every kernel in
-Triton's in-memory cache ready to launch. Must never import torch.fx, Dynamo or
+same threads, right after each compile, builds the kernel's launcher and loads it, so that the next real run
+finds every kernel in Triton's in-memory cache ready to launch. Must never import torch.fx, Dynamo or
 transformers.
 """
 
@@ -149,14 +149,32 @@ def _on_device(device: int):
 def _prepare_launch(kernel, device: int) -> None:
     """What Triton does at a compiled kernel's first launch, one kernel after another: build its launcher (a C
     extension per argument signature, compiled with the host's C compiler: about half a second each on a cold
-    cache) and load its binary onto the device. Done here in the compile threads."""
+    cache) and load its binary onto the device. A kernel that fails to load is left as never loaded, so that
+    its first launch starts over (and raises as it would have); the failure is logged at debug level."""
     with _on_device(device):
         try:
             kernel._init_handles()
-        except Exception:
-            if kernel.module is None:  # not loaded: the first launch starts over (and raises as it would have)
+        except Exception as err:
+            if kernel.module is None:
                 kernel._run = None
-            raise
+            logger.debug("tritonize: loading a kernel compiled in parallel failed (%s: %s)", type(err).__name__, err)
+
+
+class _LoadAfterCompile:
+    """The executor AsyncCompileMode hands each compile to: the pool runs the compile and then, in the same
+    thread, prepares the compiled kernel's launch (`_prepare_launch`), while other kernels still compile.
+    `device` is the device of the kernel whose preload submits next."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool, self.device = pool, 0
+
+    def submit(self, compile_kernel: Callable[[], object]):
+        def compile_and_load(device=self.device):
+            kernel = compile_kernel()
+            _prepare_launch(kernel, device)
+            return kernel
+
+        return self.pool.submit(compile_and_load)
 
 
 def start_hashing_triton() -> threading.Thread | None:
@@ -236,10 +254,12 @@ def _compile_all(pending: list[_Pending], workers: int | None) -> int:
     workers = max(1, min(workers or min(MAX_WORKERS, os.cpu_count() or 1), len(pending)))
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tritonize-compile") as pool:
-        mode = _async_compile.AsyncCompileMode(pool, ignore_errors=True)
+        executor = _LoadAfterCompile(pool)
+        mode = _async_compile.AsyncCompileMode(executor, ignore_errors=True)
         try:
             with mode:  # its exit waits for every compile and puts the kernels into their JIT caches
                 for item in pending:
+                    executor.device = item.device
                     try:
                         with _on_device(item.device):
                             item.jit_function.preload(item.specialization_data)
@@ -251,17 +271,11 @@ def _compile_all(pending: list[_Pending], workers: int | None) -> int:
             # compiles would go to this pool, which is shut down below
             if _async_compile.active_mode.get() is mode:
                 _async_compile.active_mode.set(None)
-        for future in mode.raw_futures:
-            if future.exception() is not None:
-                logger.debug("tritonize: a parallel compile failed; the kernel's next launch compiles it again "
-                             "(%s: %s)", type(future.exception()).__name__, future.exception())
-        compiled = [(item.jit_function.device_caches[item.device][0].get(item.key), item.device) for item in pending]
-        loads = [pool.submit(_prepare_launch, kernel, device) for kernel, device in compiled if kernel is not None]
-        for future in loads:
-            if future.exception() is not None:  # the first launch tries again and raises as it always did
-                logger.debug("tritonize: loading a kernel compiled in parallel failed (%s: %s)",
-                             type(future.exception()).__name__, future.exception())
-    ready = len(loads)  # the kernels now in Triton's in-memory cache
+    for future in mode.raw_futures:
+        if future.exception() is not None:
+            logger.debug("tritonize: a parallel compile failed; the kernel's next launch compiles it again (%s: %s)",
+                         type(future.exception()).__name__, future.exception())
+    ready = sum(item.key in item.jit_function.device_caches[item.device][0] for item in pending)
     logger.debug("tritonize: %d of %d kernels compiled in %d threads in %.2f s", ready, len(pending), workers,
                  time.perf_counter() - start)
     return ready
