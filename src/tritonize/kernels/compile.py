@@ -180,7 +180,8 @@ class _LoadAfterCompile:
 def start_hashing_triton() -> threading.Thread | None:
     """Starts, in a daemon thread, the hash Triton computes once per process before its first compile or
     cache lookup: `triton_key`, the sha256 of its own sources and of libtriton (about 400 MB; 0.3 s of a new
-    process's first call on an H100 host, in each compile thread at once). Started before TorchDynamo traces
+    process's first call on an H100 host, in the calling thread: `JITFunction.preload` computes each kernel's
+    cache key before handing its compile to a thread). Started before TorchDynamo traces
     a model, it runs beside the tracing (sha256 releases the GIL on large buffers). Returns the thread, or
     None where nothing compiles (the interpreter, no CUDA) or the key is known already."""
     if not _discovery_possible() or triton_key.cache_info().currsize:
