@@ -1,13 +1,10 @@
 """Where a new process's first call of an optimized encoder goes (CUDA GPU): optimize_model plus the first call
 at 1 x 16, imports excluded, with TorchDynamo's compile time per frame (embeddings, one block, pooler).
 
-    python benchmarks/first_call_profile.py --out DIR [--model bert-base] [--gc on|paused]
-        [--triton-key thread|first-compile] [--profile]
+    python benchmarks/first_call_profile.py --out DIR [--model bert-base] [--gc on|paused] [--profile]
 
 Run it in fresh processes after a benchmark has filled Triton's cache (what a restarted server pays).
 --gc on leaves Python's cyclic garbage collector running during warm-up (tritonize pauses it: the A/B).
---triton-key first-compile leaves Triton's per-process hash of itself to the first compile, as before tritonize
-hashed it in a thread beside TorchDynamo's tracing (the A/B).
 --profile runs the process under cProfile and writes DIR/first-call-<model>.prof. Prints one JSON line and
 writes it to DIR/first-call-<model>-gc-<gc>.json.
 """
@@ -35,7 +32,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="bert-base")
     parser.add_argument("--gc", choices=("on", "paused"), default="paused")
-    parser.add_argument("--triton-key", choices=("thread", "first-compile"), default="thread")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -43,8 +39,6 @@ def main() -> None:
     if args.gc == "on":
         tritonize.optimize.cyclic_gc_paused = contextlib.nullcontext
         tritonize.runtime.cuda_graphs.cyclic_gc_paused = contextlib.nullcontext
-    if args.triton_key == "first-compile":
-        tritonize.optimize.start_hashing_triton = lambda: None
     frames = []
     dynamo_compile = convert_frame._compile
 
@@ -72,8 +66,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
         profiler.dump_stats(args.out / f"first-call-{args.model}.prof")
-    result = {"model": args.model, "gc": args.gc, "triton_key": args.triton_key, "profiled": args.profile,
-              "card": torch.cuda.get_device_name(),
+    result = {"model": args.model, "gc": args.gc, "profiled": args.profile, "card": torch.cuda.get_device_name(),
               "torch": torch.__version__, "optimize_model_s": optimize_s, "first_call_s": first_call_s,
               "dynamo_frames_s": frames}
     print(json.dumps(result))

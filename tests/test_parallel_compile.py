@@ -176,34 +176,6 @@ def as_if_compiled(monkeypatch):
     monkeypatch.setattr(parallel, "DISCOVERED_MODULES", ("tritonize.", __name__))
 
 
-def test_triton_key_hashed_in_a_thread_before_the_first_compile(monkeypatch):
-    key = triton.runtime.cache.triton_key
-    expected = key()
-    monkeypatch.setattr(parallel, "_discovery_possible", lambda: False)
-    assert parallel.start_hashing_triton() is None  # the interpreter compiles nothing: no thread
-    monkeypatch.setattr(parallel, "_discovery_possible", lambda: True)
-    assert parallel.start_hashing_triton() is None  # known already in this process
-    key.cache_clear()
-    try:
-        thread = parallel.start_hashing_triton()
-        assert thread is not None and thread.daemon
-        thread.join(timeout=60)
-        assert not thread.is_alive() and key.cache_info().currsize == 1
-        assert key() == expected
-    finally:
-        key()  # the cache filled again whatever happened
-
-
-def test_optimize_model_hashes_triton_only_for_cuda_models(monkeypatch):
-    started = []
-    monkeypatch.setattr(tritonize.optimize, "start_hashing_triton", lambda: started.append(True))
-    tritonize.optimize_model(torch.nn.Sequential(torch.nn.Linear(8, 8)).eval(), cuda_graphs=False)
-    assert started == []
-    if torch.cuda.is_available():
-        tritonize.optimize_model(torch.nn.Sequential(torch.nn.Linear(8, 8)).cuda().eval())
-        assert started == [True]
-
-
 def test_kernels_outside_tritonize_launch_during_discovery(as_if_compiled, monkeypatch):
     """A user's kernel (a module not in DISCOVERED_MODULES) may feed an index: it compiles and runs."""
     monkeypatch.setattr(parallel, "DISCOVERED_MODULES", ("tritonize.",))

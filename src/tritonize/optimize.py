@@ -15,7 +15,6 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from tritonize import tuning
-from tritonize.kernels.compile import start_hashing_triton
 from tritonize.kernels.reference import RELATIVE_TOLERANCE
 from tritonize.passes import pack_sibling_linears
 from tritonize.passes.hf_attention import set_attention_implementation, use_tritonize_attention
@@ -209,8 +208,6 @@ def optimize_model(
     if parameter is None:
         raise ValueError(f"{type(target).__name__} has no parameters to run on a device")
 
-    if parameter.is_cuda:
-        start_hashing_triton()  # beside TorchDynamo's tracing, not in the first compile
     _raise_recompile_limit()
     found = Report()
     with cyclic_gc_paused():  # torch.compile's first use imports much of torch._dynamo and torch._inductor

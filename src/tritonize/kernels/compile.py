@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime import _async_compile
-from triton.runtime.cache import triton_key
 
 from tritonize.kernels.common import INTERPRETED
 
@@ -175,20 +174,6 @@ class _LoadAfterCompile:
             return kernel
 
         return self.pool.submit(compile_and_load)
-
-
-def start_hashing_triton() -> threading.Thread | None:
-    """Starts, in a daemon thread, the hash Triton computes once per process before its first compile or
-    cache lookup: `triton_key`, the sha256 of its own sources and of libtriton (about 400 MB; 0.3 s of a new
-    process's first call on an H100 host, in the calling thread: `JITFunction.preload` computes each kernel's
-    cache key before handing its compile to a thread). Started before TorchDynamo traces
-    a model, it runs beside the tracing (sha256 releases the GIL on large buffers). Returns the thread, or
-    None where nothing compiles (the interpreter, no CUDA) or the key is known already."""
-    if not _discovery_possible() or triton_key.cache_info().currsize:
-        return None
-    thread = threading.Thread(target=triton_key, name="tritonize-triton-key", daemon=True)
-    thread.start()
-    return thread
 
 
 def compile_in_parallel(run: Callable[[], object], workers: int | None = None) -> int:
