@@ -161,14 +161,16 @@ def _prepare_launch(kernel, device: int) -> None:
 
 class _LoadAfterCompile:
     """The executor AsyncCompileMode hands each compile to: the pool runs the compile and then, in the same
-    thread, prepares the compiled kernel's launch (`_prepare_launch`), while other kernels still compile.
-    `device` is the device of the kernel whose preload submits next."""
+    thread, prepares the compiled kernel's launch (`_prepare_launch`) on the device current where the preload
+    submitted it (`_compile_all` preloads each kernel on its own device), while other kernels still compile."""
 
     def __init__(self, pool: ThreadPoolExecutor):
-        self.pool, self.device = pool, 0
+        self.pool = pool
 
     def submit(self, compile_kernel: Callable[[], object]):
-        def compile_and_load(device=self.device):
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+        def compile_and_load():
             kernel = compile_kernel()
             _prepare_launch(kernel, device)
             return kernel
@@ -240,12 +242,10 @@ def _compile_all(pending: list[_Pending], workers: int | None) -> int:
     workers = max(1, min(workers or min(MAX_WORKERS, os.cpu_count() or 1), len(pending)))
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tritonize-compile") as pool:
-        executor = _LoadAfterCompile(pool)
-        mode = _async_compile.AsyncCompileMode(executor, ignore_errors=True)
+        mode = _async_compile.AsyncCompileMode(_LoadAfterCompile(pool), ignore_errors=True)
         try:
             with mode:  # its exit waits for every compile and puts the kernels into their JIT caches
                 for item in pending:
-                    executor.device = item.device
                     try:
                         with _on_device(item.device):
                             item.jit_function.preload(item.specialization_data)
