@@ -17,7 +17,7 @@ import torch
 import triton.testing
 
 from tritonize import tuning
-from tritonize.kernels import gemv, reference
+from tritonize.kernels import gemv, gemv_chain, reference
 from tritonize.kernels.attention import flash_attention_fwd
 from tritonize.kernels.common import INTERPRETED, card_name
 from tritonize.kernels.decode_attention import decode_attention_fwd
@@ -900,6 +900,65 @@ def rms_norm_gated_mlp(
     _check_norm_args(x, None, eps, norm_weight=norm_weight)
     _check_gated_mlp_args(x, gate_up_weight, bias, activation)
     return _rms_norm_gated_mlp_op(x, norm_weight, float(eps), gate_up_weight, bias, activation)
+
+
+@torch.library.custom_op("tritonize::decoder_layer_chain", mutates_args=("counter",))
+def _decoder_layer_chain_op(
+    attn: torch.Tensor, h: torch.Tensor, o_weight: torch.Tensor, o_bias: torch.Tensor | None,
+    mlp_norm_weight: torch.Tensor, mlp_eps: float, gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor | None,
+    down_weight: torch.Tensor, down_bias: torch.Tensor | None, next_norm_weight: torch.Tensor, next_eps: float,
+    next_weight: torch.Tensor, next_bias: torch.Tensor | None, activation: str, counter: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = gemv_chain.ChainWeights(o_weight, o_bias, mlp_norm_weight, mlp_eps, gate_up_weight, gate_up_bias,
+                                      down_weight, down_bias, next_norm_weight, next_eps, next_weight, next_bias)
+    if _runs_triton(attn) and gemv_chain.supports(attn, weights) and h.is_contiguous():
+        return gemv_chain.layer_chain_fwd(attn, h, weights, activation, counter)
+    h_mid = _linear_op(attn, o_weight, o_bias, "none", h)
+    act = _rms_norm_gated_mlp_op(h_mid, mlp_norm_weight, mlp_eps, gate_up_weight, gate_up_bias, activation)
+    h_out = _linear_op(act, down_weight, down_bias, "none", h_mid)
+    return h_out, _rms_norm_linear_op(h_out, next_norm_weight, next_eps, next_weight, next_bias)
+
+
+@_decoder_layer_chain_op.register_fake
+def _(attn, h, o_weight, o_bias, mlp_norm_weight, mlp_eps, gate_up_weight, gate_up_bias, down_weight, down_bias,
+      next_norm_weight, next_eps, next_weight, next_bias, activation, counter):  # fmt: skip
+    return torch.empty_like(h), h.new_empty((h.shape[0], next_weight.shape[0]))
+
+
+def decoder_layer_chain(
+    attn: torch.Tensor, h: torch.Tensor, *, o_weight: torch.Tensor, o_bias: torch.Tensor | None,
+    mlp_norm_weight: torch.Tensor, mlp_eps: float, gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor | None,
+    down_weight: torch.Tensor, down_bias: torch.Tensor | None, next_norm_weight: torch.Tensor, next_eps: float,
+    next_weight: torch.Tensor, next_bias: torch.Tensor | None, activation: str, counter: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama-style decoder layer after attention, and the next pre-norm projection, for a few rows:
+
+        h_mid = attn @ o_weight^T + o_bias + h
+        h_out = gated_mlp(rms_norm(h_mid, mlp_norm_weight, mlp_eps), gate_up_weight, activation) @ down^T
+                + down_bias + h_mid
+        next = rms_norm(h_out, next_norm_weight, next_eps) @ next_weight^T + next_bias
+
+    returning (h_out, next); next is the next layer's QKV projection, or the logits with the final norm and
+    lm_head. attn: [M, attention width], h: [M, hidden], 2-D and contiguous. At most `gemv.GEMV_MAX_M` rows on
+    CUDA: one persistent kernel (kernels/gemv_chain.py) whose phases are joined by grid barriers, with the same
+    numerics as the four fused ops it replaces (`linear` with residual, `rms_norm_gated_mlp`, `linear` with
+    residual, `rms_norm_linear`), which run instead elsewhere. counter: an int32 [1] tensor holding 0, owned by
+    the caller, used by one stream at a time (the kernel counts in it and leaves it 0).
+    """
+    _check_linear_args(attn, o_weight, o_bias, None, h)
+    _check_norm_args(h, None, mlp_eps, norm_weight=mlp_norm_weight)
+    _check_gated_mlp_args(h, gate_up_weight, gate_up_bias, activation)
+    _check_linear_args(h.new_empty(1, gate_up_weight.shape[0] // 2), down_weight, down_bias, None, None)
+    _check_norm_args(h, None, next_eps, norm_weight=next_norm_weight)
+    _check_linear_args(h, next_weight, next_bias, None, None)
+    if attn.dim() != 2 or h.dim() != 2:
+        raise ValueError(f"decoder_layer_chain takes 2-D attn and h, got {tuple(attn.shape)} and {tuple(h.shape)}")
+    if counter.dtype != torch.int32 or counter.numel() != 1 or counter.device != attn.device:
+        raise ValueError(f"counter must be one int32 on {attn.device}, got {counter.dtype} {tuple(counter.shape)} "
+                         f"on {counter.device}")
+    return _decoder_layer_chain_op(attn, h, o_weight, o_bias, mlp_norm_weight, float(mlp_eps), gate_up_weight,
+                                   gate_up_bias, down_weight, down_bias, next_norm_weight, float(next_eps),
+                                   next_weight, next_bias, activation, counter)
 
 
 # -- decode attention -----------------------------------------------------------------------------

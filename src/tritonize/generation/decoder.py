@@ -158,6 +158,10 @@ class DecoderEngine:
         self.collectives = (RankCollectives(process_group, self.device, self.embed.dtype, all_reduce)
                             if tp_size > 1 else None)
         self.cache_batch = self.cache_len = 0
+        # decode steps chain each block's GEMVs in one persistent kernel (`chains_layers`); its grid barriers
+        # count in chain_counter
+        self.chain_layers = True
+        self.chain_counter = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.weight_addresses = parameter_addresses(model)
         self.decode_graphs = DecodeGraphCache()  # the decode loops captured over this engine's buffers
         # prefill_bucketed's input buffers and CUDA graphs, per (batch, bucket length)
@@ -318,9 +322,21 @@ class DecoderEngine:
         cache position of each sequence's first token here; `attend(index, q)`, once k and v are in the caches,
         returns [batch, seq, heads, dim] (seq-major: reshaped to the hidden size without a copy)."""
         layer = self.layers[index]
-        batch, seq, _ = h.shape
         rank0 = self.tp_rank == 0
         qkv = layer.attn_norm.linear(h, layer.qkv_weight, layer.qkv_bias)
+        out = self._attention(index, qkv, rotation, write_at, attend)
+        h = self._sum_ranks(ops.linear(out, layer.o_weight, layer.o_bias, residual=h if rank0 else None))
+        if layer.gated:
+            x = layer.mlp_norm.gated_mlp(h, layer.up_weight, layer.up_bias, self.activation)
+        else:
+            x = ops.linear(layer.mlp_norm(h), layer.up_weight, layer.up_bias, activation=self.activation)
+        return self._sum_ranks(ops.linear(x, layer.down_weight, layer.down_bias, residual=h if rank0 else None))
+
+    def _attention(self, index: int, qkv: torch.Tensor, rotation, write_at: torch.Tensor, attend) -> torch.Tensor:
+        """Block `index`'s attention from its QKV projection [batch, seq, (heads + 2 kv_heads) * head_dim]: the
+        Qwen3 q/k norms, rotary, the new keys and values into the caches, `attend`; [batch, seq, heads * dim]."""
+        layer = self.layers[index]
+        batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.local_heads + 2 * self.local_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=2)
         if layer.q_norm is not None:
@@ -328,13 +344,35 @@ class DecoderEngine:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = rotation if rotation is not None else (None, None)
         q = ops.rotary_cache_write(q, k, v, cos, sin, self.k_caches[index], self.v_caches[index], write_at)
-        out = attend(index, q).reshape(batch, seq, self.local_heads * self.head_dim)
-        h = self._sum_ranks(ops.linear(out, layer.o_weight, layer.o_bias, residual=h if rank0 else None))
-        if layer.gated:
-            x = layer.mlp_norm.gated_mlp(h, layer.up_weight, layer.up_bias, self.activation)
-        else:
-            x = ops.linear(layer.mlp_norm(h), layer.up_weight, layer.up_bias, activation=self.activation)
-        return self._sum_ranks(ops.linear(x, layer.down_weight, layer.down_bias, residual=h if rank0 else None))
+        return attend(index, q).reshape(batch, seq, self.local_heads * self.head_dim)
+
+    def _chained_layers(self, h: torch.Tensor, rotation, write_at: torch.Tensor, attend) -> torch.Tensor:
+        """Every block on h [batch, 1, hidden] and the logits [batch, vocab] of a decode step, each block's
+        output projection, MLP and the next QKV projection (the last block's: final norm and lm_head) in one
+        `ops.decoder_layer_chain`; same results as `_layer` for each block then `_logits`."""
+        h = h[:, 0]
+        first = self.layers[0]
+        qkv = first.attn_norm.linear(h, first.qkv_weight, first.qkv_bias)
+        for index, layer in enumerate(self.layers):
+            out = self._attention(index, qkv[:, None], rotation, write_at, attend)[:, 0]
+            following = self.layers[index + 1] if index + 1 < len(self.layers) else None
+            norm, weight, bias = ((following.attn_norm, following.qkv_weight, following.qkv_bias) if following
+                                  else (self.final_norm, self.lm_head, None))
+            h, qkv = ops.decoder_layer_chain(
+                out, h, o_weight=layer.o_weight, o_bias=layer.o_bias, mlp_norm_weight=layer.mlp_norm.weight,
+                mlp_eps=layer.mlp_norm.eps, gate_up_weight=layer.up_weight, gate_up_bias=layer.up_bias,
+                down_weight=layer.down_weight, down_bias=layer.down_bias, next_norm_weight=norm.weight,
+                next_eps=norm.eps, next_weight=weight, next_bias=bias, activation=self.activation,
+                counter=self.chain_counter,
+            )  # fmt: skip
+        return qkv
+
+    def chains_layers(self) -> bool:
+        """Whether decode steps run through `_chained_layers`: one GPU (no tensor parallelism), Llama-style
+        blocks (RMSNorms, gated MLPs) and `chain_layers` left on. (`ops.decoder_layer_chain` itself runs its
+        four ops one by one where its kernel does not apply, e.g. above two rows.)"""
+        return (self.chain_layers and self.tp_size == 1 and not self.gpt2 and self.final_norm.rms
+                and all(layer.gated and layer.attn_norm.rms and layer.mlp_norm.rms for layer in self.layers))
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = F.embedding(tokens, self.embed)
@@ -421,6 +459,10 @@ class DecoderEngine:
             return out.transpose(1, 2)  # one query token: [batch, 1, heads, dim] is still one block of memory
 
         h, rotation = self._embed(tokens[:, None], positions), self._rotation(positions)
+        if self.chains_layers():
+            logits = self._chained_layers(h, rotation, cache_seqlens, attend)
+            cache_seqlens.copy_(seqlens)
+            return logits
         for index in range(len(self.layers)):
             h = self._layer(index, h, rotation, cache_seqlens, attend)
         cache_seqlens.copy_(seqlens)

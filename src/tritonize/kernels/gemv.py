@@ -63,38 +63,41 @@ def _load_weight_tile(w_rows, k, offs_k, K):
 
 
 @triton.jit
-def _gemv_kernel(
-    X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
+def _first_tiles(W_ptr, n_block, N, K, w_row_stride, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):  # fmt: skip
+    """The first two weight tiles of row block n_block (and of its up rows with GATED): (w0, w1, up0, up1).
+    A block past N loads nothing (its tiles are zeros)."""
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    K_in_block = tl.where(n_block * BLOCK_N < N, K, 0)
+    w_rows = W_ptr + (offs_n % N).to(tl.int64)[:, None] * w_row_stride
+    w0 = _load_weight_tile(w_rows, 0, offs_k, K_in_block)
+    w1 = _load_weight_tile(w_rows, BLOCK_K, offs_k, K_in_block)
+    up0, up1 = w0, w1
+    if GATED:
+        up_rows = w_rows + N * w_row_stride
+        up0 = _load_weight_tile(up_rows, 0, offs_k, K_in_block)
+        up1 = _load_weight_tile(up_rows, BLOCK_K, offs_k, K_in_block)
+    return w0, w1, up0, up1
+
+
+@triton.jit
+def _gemv_block(
+    n_block, w0, w1, up0, up1, X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
     x_row_stride, w_row_stride, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Y[:, n] for the BLOCK_N columns n of this program and every row of x.
-
-    X_ptr: x [M, K], rows x_row_stride apart, K contiguous; M <= BLOCK_M. W_ptr: weight [N, K] (or
-    cat([W_gate, W_up]) [2N, K] with GATED), rows w_row_stride apart, K contiguous. B_ptr: bias [N]
-    ([2N] with GATED), contiguous. R_ptr: residual [M, N] with strides (r_row_stride, r_col_stride).
-    Y_ptr: output [M, N], contiguous. G_ptr: the RMSNorm weight [K], contiguous (with RMS_NORM).
-    PDL: launched as a programmatic dependent launch; the first two weight tiles are loaded before waiting
-    for the previous kernel (the weight is never written by a kernel), so the loads overlap its end.
-    Grid: (cdiv(N, BLOCK_N),).
-    """
+    """Y[:, n] for the BLOCK_N columns n of row block n_block and every row of x, given the block's first two
+    weight tiles (`_first_tiles`). Arguments as `_gemv_kernel`'s."""
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = (offs_m < M)[:, None]
     x_rows = X_ptr + offs_m.to(tl.int64)[:, None] * x_row_stride
     # columns past N wrap onto real weight rows: loads stay in bounds, their results are never stored
     w_rows = W_ptr + (offs_n % N).to(tl.int64)[:, None] * w_row_stride
     up_rows = w_rows + N * w_row_stride
-    # -- the weight is read two tiles ahead (registers triple-buffered); the first two before the wait --
-    w0 = _load_weight_tile(w_rows, 0, offs_k, K)
-    w1 = _load_weight_tile(w_rows, BLOCK_K, offs_k, K)
-    up0, up1 = w0, w1
-    if GATED:
-        up0 = _load_weight_tile(up_rows, 0, offs_k, K)
-        up1 = _load_weight_tile(up_rows, BLOCK_K, offs_k, K)
-    wait_previous_allow_next(PDL)
 
     # -- prologue: each row's inverse RMS over all of K (x is small and stays in L2) --
     if RMS_NORM:
@@ -105,7 +108,8 @@ def _gemv_kernel(
             squares += x * x
         inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
 
-    # -- the weight stream: products of one [BLOCK_N, BLOCK_K] tile (two with GATED), reduced over K --
+    # -- the weight stream, read two tiles ahead (registers triple-buffered): products of one
+    # [BLOCK_N, BLOCK_K] tile (two with GATED), reduced over K --
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
@@ -130,6 +134,33 @@ def _gemv_kernel(
             acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
             HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
         )  # fmt: skip
+
+
+@triton.jit
+def _gemv_kernel(
+    X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
+    x_row_stride, w_row_stride, r_row_stride, r_col_stride,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Y[:, n] for the BLOCK_N columns n of this program and every row of x.
+
+    X_ptr: x [M, K], rows x_row_stride apart, K contiguous; M <= BLOCK_M. W_ptr: weight [N, K] (or
+    cat([W_gate, W_up]) [2N, K] with GATED), rows w_row_stride apart, K contiguous. B_ptr: bias [N]
+    ([2N] with GATED), contiguous. R_ptr: residual [M, N] with strides (r_row_stride, r_col_stride).
+    Y_ptr: output [M, N], contiguous. G_ptr: the RMSNorm weight [K], contiguous (with RMS_NORM).
+    PDL: launched as a programmatic dependent launch; the first two weight tiles are loaded before waiting
+    for the previous kernel (the weight is never written by a kernel), so the loads overlap its end.
+    Grid: (cdiv(N, BLOCK_N),).
+    """
+    n_block = tl.program_id(0)
+    w0, w1, up0, up1 = _first_tiles(W_ptr, n_block, N, K, w_row_stride, GATED, BLOCK_N, BLOCK_K)
+    wait_previous_allow_next(PDL)
+    _gemv_block(
+        n_block, w0, w1, up0, up1, X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
+        x_row_stride, w_row_stride, r_row_stride, r_col_stride,
+        HAS_BIAS, ACTIVATION, HAS_RESIDUAL, RMS_NORM, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -1,0 +1,103 @@
+"""The decoder-layer GEMV chain (kernels/gemv_chain.py, `ops.decoder_layer_chain`) against fp64 references
+of the four ops it replaces: odd sizes, both row counts, biases, NaN-poisoned outputs, the barrier counter
+left at 0, bad input. Through the interpreter the grid is one program; on a GPU, the whole grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, poisoned
+
+import tritonize.ops
+from tritonize.kernels import reference
+from tritonize.kernels.gemv import GEMV_MAX_M
+from tritonize.kernels.gemv_chain import ChainWeights, layer_chain_fwd
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _weights(A, D, inter, n_next, dtype, device, *, biases: bool) -> ChainWeights:
+    def matrix(rows, cols):
+        return (torch.randn(rows, cols, device=device) / cols**0.5).to(dtype)
+
+    def vector(n, offset=0.0):
+        return (torch.randn(n, device=device) * 0.2 + offset).to(dtype) if biases or offset else None
+
+    return ChainWeights(
+        o_weight=matrix(D, A), o_bias=vector(D), mlp_norm_weight=vector(D, 1.0), mlp_eps=1e-6,
+        gate_up_weight=matrix(2 * inter, D), gate_up_bias=vector(2 * inter), down_weight=matrix(D, inter),
+        down_bias=vector(D), next_norm_weight=vector(D, 1.0), next_eps=1e-5, next_weight=matrix(n_next, D),
+        next_bias=vector(n_next),
+    )  # fmt: skip
+
+
+def _double(t):
+    return None if t is None else t.double()
+
+
+def _reference(attn, h, w: ChainWeights, activation, dtype):
+    """The four ops in fp64, each output rounded to dtype as the kernels store it."""
+    h_mid = reference.linear(attn.double(), w.o_weight.double(), _double(w.o_bias), None, h.double()).to(dtype)
+    normed = reference.rms_norm(h_mid, w.mlp_norm_weight, w.mlp_eps)[0].double()
+    act = reference.gated_mlp(normed, w.gate_up_weight.double(), _double(w.gate_up_bias), activation).to(dtype)
+    h_out = reference.linear(act.double(), w.down_weight.double(), _double(w.down_bias), None, h_mid.double())
+    h_out = h_out.to(dtype)
+    normed = reference.rms_norm(h_out, w.next_norm_weight, w.next_eps)[0].double()
+    return h_out.double(), reference.linear(normed, w.next_weight.double(), _double(w.next_bias), None, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", list(range(1, GEMV_MAX_M + 1)))
+@pytest.mark.parametrize("biases", [False, True])
+def test_chain_matches_the_four_ops(M, dtype, biases, device):
+    """Odd sizes everywhere (every phase's N past a whole block, K with a ragged tail)."""
+    A, D, inter, n_next = 44, 70, 90, 37
+    w = _weights(A, D, inter, n_next, dtype, device, biases=biases)
+    attn = torch.randn(M, A, device=device).to(dtype)
+    h = (torch.randn(M, D, device=device) * 3 + 1).to(dtype)  # far from unit RMS: a missing norm shows
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    out = (poisoned((M, D), dtype, device), poisoned((M, n_next), dtype, device))
+    h_out, nxt = layer_chain_fwd(attn, h, w, "silu", counter, out=out)
+    assert h_out is out[0] and nxt is out[1]
+    ref_h, ref_next = _reference(attn, h, w, "silu", dtype)
+    assert_close(h_out, ref_h, dtype)
+    assert_close(nxt, ref_next, dtype, scale=2.0)
+    assert counter.item() == 0, "the kernel must leave its barrier counter at 0 for the next launch"
+
+
+def test_op_runs_the_four_ops_elsewhere(device):
+    """ops.decoder_layer_chain above GEMV_MAX_M rows (the kernel does not apply) equals the chain of ops."""
+    M, dtype = GEMV_MAX_M + 3, torch.float32
+    w = _weights(32, 48, 64, 40, dtype, device, biases=True)
+    attn, h = torch.randn(M, 32, device=device), torch.randn(M, 48, device=device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    h_out, nxt = tritonize.ops.decoder_layer_chain(
+        attn, h, o_weight=w.o_weight, o_bias=w.o_bias, mlp_norm_weight=w.mlp_norm_weight, mlp_eps=w.mlp_eps,
+        gate_up_weight=w.gate_up_weight, gate_up_bias=w.gate_up_bias, down_weight=w.down_weight,
+        down_bias=w.down_bias, next_norm_weight=w.next_norm_weight, next_eps=w.next_eps,
+        next_weight=w.next_weight, next_bias=w.next_bias, activation="gelu_tanh", counter=counter,
+    )  # fmt: skip
+    ref_h, ref_next = _reference(attn, h, w, "gelu_tanh", dtype)
+    assert_close(h_out, ref_h, dtype)
+    assert_close(nxt, ref_next, dtype)
+
+
+def test_bad_input_is_named(device):
+    dtype = torch.float32
+    w = _weights(32, 48, 64, 40, dtype, device, biases=False)
+    attn, h = torch.randn(1, 32, device=device), torch.randn(1, 48, device=device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="down_weight has shape"):
+        layer_chain_fwd(attn, h, ChainWeights(**{**vars(w), "down_weight": w.down_weight[:, :-1]}), "silu", counter)
+    with pytest.raises(ValueError, match="counter must be one int32"):
+        layer_chain_fwd(attn, h, w, "silu", counter.long())
+    with pytest.raises(ValueError, match="at most"):
+        layer_chain_fwd(torch.randn(GEMV_MAX_M + 1, 32, device=device), torch.randn(GEMV_MAX_M + 1, 48,
+                        device=device), w, "silu", counter)  # fmt: skip
+    with pytest.raises(ValueError, match="counter must be one int32"):
+        tritonize.ops.decoder_layer_chain(
+            attn, h, o_weight=w.o_weight, o_bias=None, mlp_norm_weight=w.mlp_norm_weight, mlp_eps=1e-6,
+            gate_up_weight=w.gate_up_weight, gate_up_bias=None, down_weight=w.down_weight, down_bias=None,
+            next_norm_weight=w.next_norm_weight, next_eps=1e-6, next_weight=w.next_weight, next_bias=None,
+            activation="silu", counter=torch.zeros(2, dtype=torch.int32, device=device),
+        )  # fmt: skip
