@@ -101,6 +101,24 @@ def test_prefill_and_step_logits_match_hf(family):
         assert relative_error(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("family", MODELS)
+def test_decode_steps_chain_the_layers_of_llama_style_models(family):
+    """Llama-style blocks run their decode-step GEMVs through ops.decoder_layer_chain (GPT-2's LayerNorms and
+    ungated MLP do not); turning the chain off gives the same logits."""
+    model = tiny(family)
+    engine = DecoderEngine(model)
+    assert engine.chains_layers() == (family != "gpt2")
+    ids, mask = left_padded([5, 3], 5)
+    engine.reserve(2, 8)
+    new = torch.randint(3, VOCAB, (2,))
+    logits = {}
+    for chain in (True, False):
+        engine.chain_layers = chain
+        engine.prefill(ids, mask.bool())
+        logits[chain] = engine.step(new)
+    assert relative_error(logits[True], logits[False]) < 1e-5
+
+
 def test_eos_stops_and_pads_like_hf():
     model = tiny("llama")
     ids, mask = left_padded([5, 3], 5)
