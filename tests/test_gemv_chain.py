@@ -10,7 +10,7 @@ from helpers import assert_close, poisoned
 
 import tritonize.ops
 from tritonize.kernels import reference
-from tritonize.kernels.gemv import GEMV_MAX_M
+from tritonize.kernels.gemv import GEMV_MAX_M, GemvConfig
 from tritonize.kernels.gemv_chain import ChainWeights, layer_chain_fwd
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -49,15 +49,18 @@ def _reference(attn, h, w: ChainWeights, activation, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", list(range(1, GEMV_MAX_M + 1)))
 @pytest.mark.parametrize("biases", [False, True])
-def test_chain_matches_the_four_ops(M, dtype, biases, device):
-    """Odd sizes everywhere (every phase's N past a whole block, K with a ragged tail)."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_chain_matches_the_four_ops(M, dtype, biases, stream, device):
+    """Odd sizes everywhere (every phase's N past a whole block, K with a ragged tail); with stream, each
+    program's reads run on into its next row block (K spans 2 to 6 tiles of 16)."""
     A, D, inter, n_next = 44, 70, 90, 37
     w = _weights(A, D, inter, n_next, dtype, device, biases=biases)
     attn = torch.randn(M, A, device=device).to(dtype)
     h = (torch.randn(M, D, device=device) * 3 + 1).to(dtype)  # far from unit RMS: a missing norm shows
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     out = (poisoned((M, D), dtype, device), poisoned((M, n_next), dtype, device))
-    h_out, nxt = layer_chain_fwd(attn, h, w, "silu", counter, out=out)
+    h_out, nxt = layer_chain_fwd(attn, h, w, "silu", counter, out=out, stream=stream,
+                                 config=GemvConfig(block_n=8, block_k=16) if stream else None)
     assert h_out is out[0] and nxt is out[1]
     ref_h, ref_next = _reference(attn, h, w, "silu", dtype)
     assert_close(h_out, ref_h, dtype)
@@ -91,6 +94,8 @@ def test_bad_input_is_named(device):
         layer_chain_fwd(attn, h, ChainWeights(**{**vars(w), "down_weight": w.down_weight[:, :-1]}), "silu", counter)
     with pytest.raises(ValueError, match="counter must be one int32"):
         layer_chain_fwd(attn, h, w, "silu", counter.long())
+    with pytest.raises(ValueError, match="stream needs every K above block_k"):
+        layer_chain_fwd(attn, h, w, "silu", counter, stream=True, config=GemvConfig(block_n=4, block_k=32))
     with pytest.raises(ValueError, match="at most"):
         layer_chain_fwd(torch.randn(GEMV_MAX_M + 1, 32, device=device), torch.randn(GEMV_MAX_M + 1, 48,
                         device=device), w, "silu", counter)  # fmt: skip

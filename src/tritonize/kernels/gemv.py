@@ -63,6 +63,17 @@ def _load_weight_tile(w_rows, k, offs_k, K):
 
 
 @triton.jit
+def _stream_tile(rows, next_rows, t, num_tiles, next_ok, offs_k, K, BLOCK_K: tl.constexpr):
+    """Tile t of a row block's num_tiles (K // BLOCK_K rounded up) weight tiles; past the last, tile
+    t - num_tiles of the next row block's (rows next_rows; zeros and no traffic unless next_ok)."""
+    in_block = t < num_tiles
+    base = tl.where(in_block, rows, next_rows)
+    cols = tl.where(in_block, t, t - num_tiles) * BLOCK_K + offs_k
+    limit = tl.where(in_block | next_ok, K, 0)
+    return tl.load(base + cols[None, :], mask=(cols < limit)[None, :], other=0.0)
+
+
+@triton.jit
 def _first_tiles(W_ptr, n_block, N, K, w_row_stride, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):  # fmt: skip
     """The first two weight tiles of row block n_block (and of its up rows with GATED): (w0, w1, up0, up1).
@@ -83,13 +94,18 @@ def _first_tiles(W_ptr, n_block, N, K, w_row_stride, GATED: tl.constexpr, BLOCK_
 
 @triton.jit
 def _gemv_block(
-    n_block, w0, w1, up0, up1, X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
+    n_block, next_block, w0, w1, up0, up1, X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
     x_row_stride, w_row_stride, r_row_stride, r_col_stride,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STREAM: tl.constexpr,
 ):  # fmt: skip
     """Y[:, n] for the BLOCK_N columns n of row block n_block and every row of x, given the block's first two
-    weight tiles (`_first_tiles`). Arguments as `_gemv_kernel`'s."""
+    weight tiles (`_first_tiles`). Arguments as `_gemv_kernel`'s.
+
+    STREAM (K > BLOCK_K only): the loop's reads two tiles ahead run on into row block next_block (none past
+    N), so a program streaming several blocks never waits for a block's first tiles; returns next_block's
+    first tiles (w0, w1, up0, up1) for the following call. Without STREAM, the tiles ahead stop at K."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -98,6 +114,10 @@ def _gemv_block(
     # columns past N wrap onto real weight rows: loads stay in bounds, their results are never stored
     w_rows = W_ptr + (offs_n % N).to(tl.int64)[:, None] * w_row_stride
     up_rows = w_rows + N * w_row_stride
+    next_rows = W_ptr + ((next_block * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)[:, None] * w_row_stride
+    next_up_rows = next_rows + N * w_row_stride
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    next_ok = next_block * BLOCK_N < N
 
     # -- prologue: each row's inverse RMS over all of K (x is small and stays in L2) --
     if RMS_NORM:
@@ -119,11 +139,17 @@ def _gemv_block(
             g = tl.load(G_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
             x = cast(x * inv_rms, X_ptr.dtype.element_ty).to(tl.float32) * g[None, :]
             x = cast(x, X_ptr.dtype.element_ty).to(tl.float32)
-        w2 = _load_weight_tile(w_rows, k + 2 * BLOCK_K, offs_k, K)
+        if STREAM:
+            w2 = _stream_tile(w_rows, next_rows, k // BLOCK_K + 2, num_tiles, next_ok, offs_k, K, BLOCK_K)
+        else:
+            w2 = _load_weight_tile(w_rows, k + 2 * BLOCK_K, offs_k, K)
         acc += tl.sum(x[:, None, :] * w0.to(tl.float32)[None, :, :], axis=2)
         w0, w1 = w1, w2
         if GATED:
-            up2 = _load_weight_tile(up_rows, k + 2 * BLOCK_K, offs_k, K)
+            if STREAM:
+                up2 = _stream_tile(up_rows, next_up_rows, k // BLOCK_K + 2, num_tiles, next_ok, offs_k, K, BLOCK_K)
+            else:
+                up2 = _load_weight_tile(up_rows, k + 2 * BLOCK_K, offs_k, K)
             acc_up += tl.sum(x[:, None, :] * up0.to(tl.float32)[None, :, :], axis=2)
             up0, up1 = up1, up2
 
@@ -134,6 +160,7 @@ def _gemv_block(
             acc, offs_m, offs_n, M, N, B_ptr, R_ptr, Y_ptr, r_row_stride, r_col_stride,
             HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
         )  # fmt: skip
+    return w0, w1, up0, up1
 
 
 @triton.jit
@@ -157,9 +184,9 @@ def _gemv_kernel(
     w0, w1, up0, up1 = _first_tiles(W_ptr, n_block, N, K, w_row_stride, GATED, BLOCK_N, BLOCK_K)
     wait_previous_allow_next(PDL)
     _gemv_block(
-        n_block, w0, w1, up0, up1, X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
+        n_block, n_block, w0, w1, up0, up1, X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
         x_row_stride, w_row_stride, r_row_stride, r_col_stride,
-        HAS_BIAS, ACTIVATION, HAS_RESIDUAL, RMS_NORM, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+        HAS_BIAS, ACTIVATION, HAS_RESIDUAL, RMS_NORM, GATED, BLOCK_M, BLOCK_N, BLOCK_K, False,
     )  # fmt: skip
 
 

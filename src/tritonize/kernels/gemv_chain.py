@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from tritonize.kernels.common import INTERPRETED, pdl_supported, wait_previous_allow_next
-from tritonize.kernels.gemv import GEMV_MAX_M, _first_tiles, _gemv_block, pick_config
+from tritonize.kernels.gemv import GEMV_MAX_M, GemvConfig, _first_tiles, _gemv_block, pick_config
 
 
 @triton.jit
@@ -43,16 +43,20 @@ def _phase(
     X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps, w0, w1, up0, up1,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STREAM: tl.constexpr,
 ):  # fmt: skip
     """This program's row blocks of one GEMV (x, weight, residual and output contiguous; the residual
-    [M, N]); the first block's first tiles given (w0, w1, up0, up1), the others loaded here."""
+    [M, N]); the first block's first tiles given (w0, w1, up0, up1). STREAM (K > BLOCK_K): each block's
+    loop reads on into the next block's first tiles; otherwise they are loaded at the block's start."""
     pid = tl.program_id(0)
-    for n_block in range(pid, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-        if n_block != pid:
+    programs = tl.num_programs(0)
+    for n_block in range(pid, tl.cdiv(N, BLOCK_N), programs):
+        if not STREAM and n_block != pid:
             w0, w1, up0, up1 = _first_tiles(W_ptr, n_block, N, K, K, GATED, BLOCK_N, BLOCK_K)
-        _gemv_block(
-            n_block, w0, w1, up0, up1, X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K, eps,
-            K, K, N, 1, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, RMS_NORM, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+        w0, w1, up0, up1 = _gemv_block(
+            n_block, n_block + programs, w0, w1, up0, up1, X_ptr, W_ptr, B_ptr, R_ptr, Y_ptr, G_ptr, M, N, K,
+            eps, K, K, N, 1, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, RMS_NORM, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+            STREAM,
         )  # fmt: skip
 
 
@@ -67,6 +71,7 @@ def _layer_chain_kernel(
     HAS_BIAS_O: tl.constexpr, HAS_BIAS_UP: tl.constexpr, HAS_BIAS_DOWN: tl.constexpr,
     HAS_BIAS_NEXT: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    STREAM: tl.constexpr,
 ):  # fmt: skip
     """h_mid = attn @ Wo^T + bo + h; act = act(norm(h_mid) @ Wg^T + bg) * (norm(h_mid) @ Wu^T + bu);
     h_out = act @ Wd^T + bd + h_mid; next = norm'(h_out) @ Wnext^T + bnext.
@@ -83,24 +88,24 @@ def _layer_chain_kernel(
     w0, w1, up0, up1 = _first_tiles(Wo_ptr, pid, D, A, A, False, BLOCK_N, BLOCK_K)
     wait_previous_allow_next(PDL)
     _phase(Attn_ptr, Wo_ptr, Bo_ptr, H_ptr, Hmid_ptr, Gmlp_ptr, M, D, A, eps_mlp, w0, w1, up0, up1,
-           HAS_BIAS_O, "none", True, False, False, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+           HAS_BIAS_O, "none", True, False, False, BLOCK_M, BLOCK_N, BLOCK_K, STREAM)  # fmt: skip
 
     w0, w1, up0, up1 = _first_tiles(Wgu_ptr, pid, Inter, D, D, True, BLOCK_N, BLOCK_K)
     _grid_barrier(Counter_ptr, programs)
     _phase(Hmid_ptr, Wgu_ptr, Bgu_ptr, H_ptr, Act_ptr, Gmlp_ptr, M, Inter, D, eps_mlp, w0, w1, up0, up1,
-           HAS_BIAS_UP, ACTIVATION, False, True, True, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+           HAS_BIAS_UP, ACTIVATION, False, True, True, BLOCK_M, BLOCK_N, BLOCK_K, STREAM)  # fmt: skip
 
     w0, w1, up0, up1 = _first_tiles(Wd_ptr, pid, D, Inter, Inter, False, BLOCK_N, BLOCK_K)
     _grid_barrier(Counter_ptr, 2 * programs)
     _phase(Act_ptr, Wd_ptr, Bd_ptr, Hmid_ptr, Hout_ptr, Gmlp_ptr, M, D, Inter, eps_mlp, w0, w1, up0, up1,
-           HAS_BIAS_DOWN, "none", True, False, False, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+           HAS_BIAS_DOWN, "none", True, False, False, BLOCK_M, BLOCK_N, BLOCK_K, STREAM)  # fmt: skip
 
     w0, w1, up0, up1 = _first_tiles(Wnext_ptr, pid, N_next, D, D, False, BLOCK_N, BLOCK_K)
     _grid_barrier(Counter_ptr, 3 * programs)
     if tl.atomic_add(Counter_ptr, 1, sem="relaxed", scope="gpu") == 4 * programs - 1:
         tl.atomic_xchg(Counter_ptr, 0, sem="relaxed", scope="gpu")
     _phase(Hout_ptr, Wnext_ptr, Bnext_ptr, H_ptr, Next_ptr, Gnext_ptr, M, N_next, D, eps_next, w0, w1, up0, up1,
-           HAS_BIAS_NEXT, "none", False, True, False, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+           HAS_BIAS_NEXT, "none", False, True, False, BLOCK_M, BLOCK_N, BLOCK_K, STREAM)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,12 +138,15 @@ def supports(attn: torch.Tensor, weights: ChainWeights) -> bool:
 
 def layer_chain_fwd(
     attn: torch.Tensor, h: torch.Tensor, weights: ChainWeights, activation: str, counter: torch.Tensor,
-    *, out: tuple[torch.Tensor, torch.Tensor] | None = None, pdl: bool | None = None,
+    *, out: tuple[torch.Tensor, torch.Tensor] | None = None, config: GemvConfig | None = None,
+    stream: bool | None = None, pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h_out, next) of `_layer_chain_kernel`: attn [M, A] the attention output, h [M, D] the residual stream
     before the output projection; counter: an int32 [1] tensor, 0 (the kernel leaves it 0), used by one
     stream at a time. out: contiguous (h_out [M, D], next [M, N_next]) to write (default: new tensors).
-    pdl: launch as a programmatic dependent launch (default: where the GPU has it)."""
+    config: the tiles (default: `gemv.pick_config`'s for the largest matrix). stream: each program's weight
+    reads run on from one row block into its next (default: wherever every K exceeds BLOCK_K, which it
+    needs). pdl: launch as a programmatic dependent launch (default: where the GPU has it)."""
     (M, A), D = attn.shape, h.shape[1]
     Inter, N_next = weights.gate_up_weight.shape[0] // 2, weights.next_weight.shape[0]
     expected = {"h": (h, (M, D)), "o_weight": (weights.o_weight, (D, A)), "mlp_norm_weight":
@@ -163,7 +171,13 @@ def layer_chain_fwd(
     h_mid, act = torch.empty_like(h), attn.new_empty((M, Inter))  # written before they are read
     if M == 0:
         return h_out, nxt
-    config = pick_config(M, max(D, N_next), max(A, D, Inter), attn.dtype)
+    config = config or pick_config(M, max(D, N_next), max(A, D, Inter), attn.dtype)
+    shortest_k = min(A, D, Inter)
+    if stream is None:
+        stream = shortest_k > config.block_k
+    elif stream and shortest_k <= config.block_k:
+        raise ValueError(f"layer_chain_fwd: stream needs every K above block_k {config.block_k}, the shortest is "
+                         f"{shortest_k}")
     pdl = pdl_supported(attn.device) if pdl is None else pdl
     w = weights
     args = (
@@ -175,7 +189,7 @@ def layer_chain_fwd(
         HAS_BIAS_O=w.o_bias is not None, HAS_BIAS_UP=w.gate_up_bias is not None,
         HAS_BIAS_DOWN=w.down_bias is not None, HAS_BIAS_NEXT=w.next_bias is not None, ACTIVATION=activation,
         BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
-        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+        STREAM=stream, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
         launch_cooperative_grid=not INTERPRETED,
     )  # fmt: skip
     programs = 1 if INTERPRETED else chain_programs(args, options)
