@@ -1,6 +1,8 @@
 """How fast can a decode step's weight stream go when its GEMVs do not end at kernel boundaries?
 
-An experiment, not a product path. The decode step of the 1.7 GB Llama at batch 1 streams its weights
+An experiment: the upper bound of what kernels/gemv_chain.py does inside the decode step (there one
+persistent launch a layer, between the attention kernels; `benchmarks/ab_decode_chain.py` times that).
+The decode step of the 1.7 GB Llama at batch 1 streams its weights
 through 65 GEMV launches (4 a layer and the lm_head) at about 2.1 TB/s, where a large copy reaches about
 3 TB/s; docs/generation.md finds most of the gap in each launch's ramp-up and tail. Here the same chain of
 plain GEMVs (y_i = W_i x_i, x_i the first K_i values of y_(i-1)) runs
@@ -35,6 +37,7 @@ import triton.language as tl
 
 from tritonize.kernels import gemv
 from tritonize.kernels.common import wait_previous_allow_next
+from tritonize.kernels.gemv_chain import _grid_barrier
 
 # one layer of the 1.7 GB Llama-style config (hidden 2048, 32 heads / 8 kv heads of 64, intermediate 5632)
 # as (name, N, K): the qkv, output, gate+up (as one plain [2 x 5632, 2048] matrix) and down projections
@@ -61,18 +64,6 @@ def _phase(table_ptr, p, DTYPE: tl.constexpr):
     x_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(DTYPE)), 16)
     y_ptr = tl.multiple_of(tl.load(row + 2).to(tl.pointer_type(DTYPE)), 16)
     return w_ptr, x_ptr, y_ptr, tl.load(row + 3).to(tl.int32), tl.multiple_of(tl.load(row + 4).to(tl.int32), 16)
-
-
-@triton.jit
-def _grid_barrier(counter_ptr, target):
-    """Waits until every program of the grid has arrived (the counter reaches target); the writes made
-    before the barrier by any program are visible after it."""
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    while arrived < target:
-        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
 
 
 @triton.jit

@@ -64,8 +64,11 @@ def occupancy(M: int, N: int, K: int, flags: dict, sms: int) -> dict:
                       BLOCK_M=triton.next_power_of_2(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=True)
     constexprs.update(flags)
     pointers = ("X_ptr", "W_ptr", "B_ptr", "R_ptr", "Y_ptr", "G_ptr")
+    # the integer arguments gemv_fwd passes, specialized as the JIT does (multiples of 16, ones)
+    values = dict(M=M, N=N, K=K, x_row_stride=K, w_row_stride=K, r_row_stride=N, r_col_stride=1)
     kernel = compile_for_gpu(gemv._gemv_kernel, {**{p: POINTER_TYPE for p in pointers}, "eps": "fp32"}, constexprs,
-                             num_warps=config.num_warps, num_stages=config.num_stages)
+                             values=values, num_warps=config.num_warps, num_stages=config.num_stages,
+                             options=dict(launch_pdl=True))
     registers = registers_per_thread(kernel)
     threads = 32 * config.num_warps
     warp_registers = triton.cdiv(registers * 32, REGISTER_UNIT) * REGISTER_UNIT

@@ -4,9 +4,11 @@ left at 0, bad input. Through the interpreter the grid is one program; on a GPU,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import assert_close, poisoned
+from helpers import assert_close, poisoned, run_python
 
 import tritonize.ops
 from tritonize.kernels import reference
@@ -106,3 +108,66 @@ def test_bad_input_is_named(device):
             next_norm_weight=w.next_norm_weight, next_eps=1e-6, next_weight=w.next_weight, next_bias=None,
             activation="silu", counter=torch.zeros(2, dtype=torch.int32, device=device),
         )  # fmt: skip
+
+
+def _four_ops(attn, h, w: ChainWeights, activation):
+    """The ops the chain replaces, as the unchained decode step runs them."""
+    ops = tritonize.ops
+    h_mid = ops.linear(attn, w.o_weight, w.o_bias, residual=h)
+    act = ops.rms_norm_gated_mlp(h_mid, w.mlp_norm_weight, w.gate_up_weight, eps=w.mlp_eps, activation=activation,
+                                 bias=w.gate_up_bias)
+    h_out = ops.linear(act, w.down_weight, w.down_bias, residual=h_mid)
+    return h_out, ops.rms_norm_linear(h_out, w.next_norm_weight, w.next_weight, w.next_bias, eps=w.next_eps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", list(range(1, GEMV_MAX_M + 1)))
+@pytest.mark.parametrize("stream", [False, True])
+def test_llama_layer_shapes_gpu(M, stream):
+    """The 1.7 GB Llama's layer (hidden 2048, intermediate 5632, QKV 3072) in bf16 on the whole grid (every
+    program resident, the barriers really waiting): the four ops' results, twice on one counter."""
+    dtype = torch.bfloat16
+    w = _weights(2048, 2048, 5632, 3072, dtype, "cuda", biases=False)
+    attn, h = torch.randn(M, 2048, device="cuda").to(dtype), torch.randn(M, 2048, device="cuda").to(dtype)
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    want = _four_ops(attn, h, w, "silu")
+    for _ in range(2):
+        out = (poisoned((M, 2048), dtype, "cuda"), poisoned((M, 3072), dtype, "cuda"))
+        got = layer_chain_fwd(attn, h, w, "silu", counter, out=out, stream=stream)
+        for g, r in zip(got, want, strict=True):
+            assert_close(g, r.double(), dtype)
+        assert counter.item() == 0
+
+
+@pytest.mark.gpu
+def test_chain_replays_in_a_cuda_graph_gpu():
+    """Three chained layers captured in one CUDA graph (cooperative launches, PDL) replay to the eager result,
+    the counter back at 0 after each replay."""
+    dtype = torch.bfloat16
+    layers = [_weights(2048, 2048, 5632, 2048, dtype, "cuda", biases=True) for _ in range(3)]
+    attn, h = torch.randn(1, 2048, device="cuda").to(dtype), torch.randn(1, 2048, device="cuda").to(dtype)
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def run():
+        x = h
+        for w in layers:
+            x, _ = layer_chain_fwd(attn, x, w, "silu", counter)
+        return x
+
+    want = run().clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = run()
+    for _ in range(3):
+        got.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+        assert counter.item() == 0
+
+
+def test_upper_bound_benchmark_kernel_on_cpu():
+    """benchmarks/gemv_chain.py's one-launch chain of plain GEMVs checks itself through the interpreter."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gemv_chain.py"
+    done = run_python(str(script), "--check-cpu", interpret=True)
+    assert done.returncode == 0 and "interpreter check passed" in done.stdout, done.stderr

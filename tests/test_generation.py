@@ -102,11 +102,16 @@ def test_prefill_and_step_logits_match_hf(family):
 
 
 @pytest.mark.parametrize("family", MODELS)
-def test_decode_steps_chain_the_layers_of_llama_style_models(family):
-    """Llama-style blocks run their decode-step GEMVs through ops.decoder_layer_chain (GPT-2's LayerNorms and
-    ungated MLP do not); turning the chain off gives the same logits."""
+def test_decode_steps_chain_the_layers_of_llama_style_models(family, monkeypatch):
+    """With the chain on, Llama-style blocks run their decode-step GEMVs through ops.decoder_layer_chain
+    (GPT-2's LayerNorms and ungated MLP do not), with the unchained step's logits. Off by default."""
     model = tiny(family)
+    monkeypatch.delenv("TRITONIZE_DECODE_LAYER_CHAIN", raising=False)
     engine = DecoderEngine(model)
+    assert not engine.chains_layers()
+    monkeypatch.setenv("TRITONIZE_DECODE_LAYER_CHAIN", "1")
+    assert DecoderEngine(model).chain_layers
+    engine.chain_layers = True
     assert engine.chains_layers() == (family != "gpt2")
     ids, mask = left_padded([5, 3], 5)
     engine.reserve(2, 8)
@@ -499,6 +504,23 @@ def test_cuda_graph_loop():
     assert torch.equal(run(graph=True), run(graph=False))
     assert torch.equal(run(graph=True, seed=7), run(graph=True, seed=7))  # the generator drives the replays
     assert not torch.equal(run(graph=True, seed=7), run(graph=True, seed=8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_chained_decode_steps_gpu(family, monkeypatch):
+    """TRITONIZE_DECODE_LAYER_CHAIN=1 on a GPU: the graphed decode loop through the persistent layer kernel
+    gives the unchained engine's greedy tokens, at batch 1 and 2 (the kernel) and 3 (the four ops)."""
+    model = tiny(family, device="cuda")
+    for lengths in ([9], [9, 4], [9, 4, 7]):
+        ids, mask = (t.cuda() for t in left_padded(lengths, max(lengths)))
+        tokens = {}
+        for chain in ("0", "1"):
+            monkeypatch.setenv("TRITONIZE_DECODE_LAYER_CHAIN", chain)
+            if hasattr(model, ENGINE_ATTRIBUTE):
+                delattr(model, ENGINE_ATTRIBUTE)  # a new engine reads the setting
+            tokens[chain] = tritonize.generate(model, ids, mask, max_new_tokens=24, eos_token_id=[])
+        assert torch.equal(tokens["1"], tokens["0"]), lengths
 
 
 @pytest.mark.gpu

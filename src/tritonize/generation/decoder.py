@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tritonize import ops
 from tritonize.generation.collectives import RankCollectives
 from tritonize.generation.loop import DecodeGraphCache, PromptGraphCache, bucket_length, round_up
-from tritonize.generation.settings import HF_ACTIVATIONS
+from tritonize.generation.settings import HF_ACTIVATIONS, decode_layer_chain_enabled
 from tritonize.passes.sibling_linears import pack_parameters
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
@@ -158,9 +158,9 @@ class DecoderEngine:
         self.collectives = (RankCollectives(process_group, self.device, self.embed.dtype, all_reduce)
                             if tp_size > 1 else None)
         self.cache_batch = self.cache_len = 0
-        # decode steps chain each block's GEMVs in one persistent kernel (`chains_layers`); its grid barriers
-        # count in chain_counter
-        self.chain_layers = True
+        # decode steps may chain each block's GEMVs in one persistent kernel (`chains_layers`; off unless
+        # TRITONIZE_DECODE_LAYER_CHAIN=1, see settings.py); its grid barriers count in chain_counter
+        self.chain_layers = decode_layer_chain_enabled()
         self.chain_counter = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.weight_addresses = parameter_addresses(model)
         self.decode_graphs = DecodeGraphCache()  # the decode loops captured over this engine's buffers
@@ -368,8 +368,8 @@ class DecoderEngine:
         return qkv
 
     def chains_layers(self) -> bool:
-        """Whether decode steps run through `_chained_layers`: one GPU (no tensor parallelism), Llama-style
-        blocks (RMSNorms, gated MLPs) and `chain_layers` left on. (`ops.decoder_layer_chain` itself runs its
+        """Whether decode steps run through `_chained_layers`: `chain_layers` on, one GPU (no tensor
+        parallelism), Llama-style blocks (RMSNorms, gated MLPs). (`ops.decoder_layer_chain` itself runs its
         four ops one by one where its kernel does not apply, e.g. above two rows.)"""
         return (self.chain_layers and self.tp_size == 1 and not self.gpt2 and self.final_norm.rms
                 and all(layer.gated and layer.attn_norm.rms and layer.mlp_norm.rms for layer in self.layers))

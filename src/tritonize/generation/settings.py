@@ -4,7 +4,18 @@ HF's activation names in tritonize's terms."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Set to 1 to run decode steps of Llama-style models through ops.decoder_layer_chain (one persistent kernel
+# for each layer's GEMVs after attention; DecoderEngine.chains_layers). Off by default: the kernel passes its
+# CPU tests through the interpreter but has not been timed or run on a GPU yet (docs/generation.md).
+DECODE_LAYER_CHAIN_ENV = "TRITONIZE_DECODE_LAYER_CHAIN"
+
+
+def decode_layer_chain_enabled() -> bool:
+    return os.environ.get(DECODE_LAYER_CHAIN_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 # HF activation names (hidden_act, activation_function, dense_act_fn) -> tritonize.ops activations
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
