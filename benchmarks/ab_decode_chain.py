@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import triton
-from ab_decode_gemv import PROMPT_LEN, decode_rate
+from ab_decode_gemv import PROMPT_LEN, decode_rate, fixed_position_step
 from tp_generate import CONFIGS, random_llama
 from triton.testing import do_bench
 
@@ -59,17 +59,10 @@ def main() -> None:
     ids = torch.randint(2, model.config.vocab_size - 1, (args.batch, PROMPT_LEN), device="cuda")
     tritonize.generate(model, ids, torch.ones_like(ids), max_new_tokens=8, eos_token_id=[])  # compiles the rest
     engine = _engine(model)
-    engine.reserve(args.batch, PROMPT_LEN + 64)
     shipped = gemv_chain.layer_chain_fwd
     graphs, logits, first_call_s, failed = {}, {}, {}, {}
     with torch.no_grad():
-        engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
-        tokens, seqlens = ids[:, -1].clone(), engine.cache_seqlens.clone()
-
-        def step() -> torch.Tensor:
-            engine.cache_seqlens.copy_(seqlens)  # stay at one position: every replay does the same work
-            return engine.step(tokens)
-
+        step = fixed_position_step(model, ids)
         for name, (chain, options) in VARIANTS.items():
             engine.chain_layers = chain
             gemv_chain.layer_chain_fwd = functools.partial(shipped, **options)

@@ -83,6 +83,22 @@ def kernel_copy(path: Path):
     return module.gemv_fwd, module.pick_config
 
 
+def fixed_position_step(model, ids: torch.Tensor):
+    """A function running one decode step of the model's engine after prefilling ids [batch, prompt], always at
+    the same position (each call resets the lengths first): every call, or CUDA-graph replay, does the same
+    work. Call under torch.no_grad()."""
+    engine = _engine(model)
+    engine.reserve(ids.shape[0], ids.shape[1] + 64)
+    engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+    tokens, seqlens = ids[:, -1].clone(), engine.cache_seqlens.clone()
+
+    def step() -> torch.Tensor:
+        engine.cache_seqlens.copy_(seqlens)
+        return engine.step(tokens)
+
+    return step
+
+
 def decode_rate(model, ids: torch.Tensor) -> float:
     """New tokens per second of tritonize.generate between 32 and 256 new tokens (medians of 3 calls)."""
     if hasattr(model, ENGINE_ATTRIBUTE):  # a fresh engine: its graphs capture this variant's kernels
@@ -134,17 +150,9 @@ def main() -> None:
     ids = torch.randint(2, model.config.vocab_size - 1, (args.batch, PROMPT_LEN), device="cuda")
     use(next(iter(kernels)))
     tritonize.generate(model, ids, torch.ones_like(ids), max_new_tokens=8, eos_token_id=[])  # compiles the rest
-    engine = _engine(model)
-    engine.reserve(args.batch, PROMPT_LEN + 64)
     graphs, logits = {}, {}
     with torch.no_grad():
-        engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
-        tokens, seqlens = ids[:, -1].clone(), engine.cache_seqlens.clone()
-
-        def step() -> torch.Tensor:
-            engine.cache_seqlens.copy_(seqlens)  # stay at one position: every replay does the same work
-            return engine.step(tokens)
-
+        step = fixed_position_step(model, ids)
         for name in kernels:
             use(name)
             logits[name] = step().float()

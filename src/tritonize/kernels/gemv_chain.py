@@ -77,7 +77,7 @@ def _layer_chain_kernel(
     h_out = act @ Wd^T + bd + h_mid; next = norm'(h_out) @ Wnext^T + bnext.
 
     Attn_ptr: [M, A] attention output; H_ptr: [M, D] residual stream in; Wo [D, A]; Gmlp [D] the MLP's
-    RMSNorm weight; Wgu cat([W_gate, W_up]) [2I, D]; Wd [D, Inter]; Gnext [D], Wnext [N_next, D]: the next
+    RMSNorm weight; Wgu cat([W_gate, W_up]) [2 Inter, D]; Wd [D, Inter]; Gnext [D], Wnext [N_next, D]: the next
     layer's input norm and QKV projection (or the final norm and lm_head). Hmid [M, D], Act [M, Inter] are
     scratch; Hout [M, D], Next [M, N_next] outputs. Every tensor contiguous, M <= BLOCK_M. Counter_ptr: an
     int32, 0 at launch and again at the end (three barriers take it to 3 G; once every program has passed
@@ -197,14 +197,16 @@ def layer_chain_fwd(
     return h_out, nxt
 
 
-_PROGRAMS: dict[tuple, int] = {}  # chain_programs' answers, by device, argument types and sizes, and options
+_PROGRAMS: dict[tuple, int] = {}  # chain_programs' answers, by device, arguments' specialization, options
 
 
 def chain_programs(args: tuple, options: dict) -> int:
     """The grid of `_layer_chain_kernel` for these arguments and launch options: as many programs as fit on all
     SMs at once (by the compiled kernel's registers, threads and shared memory), so the grid barriers complete."""
     device = args[0].device
-    key = (device, *(a.dtype if isinstance(a, torch.Tensor) else a for a in args), *sorted(options.items()))
+    # what the JIT specializes a compile on: dtypes and 16-byte alignment of tensors, values of the rest
+    key = (device, *((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args),
+           *sorted(options.items()))
     if key not in _PROGRAMS:
         kernel = _layer_chain_kernel.warmup(*args, **options, grid=(1,))
         kernel._init_handles()  # loads the binary: the register count is read off it
