@@ -11,7 +11,8 @@ import torch
 from helpers import assert_close, poisoned, run_python
 
 import tritonize.ops
-from tritonize.kernels import reference
+from tritonize.kernels import gemv, gemv_chain, reference
+from tritonize.kernels.common import card_name
 from tritonize.kernels.gemv import GEMV_MAX_M, GemvConfig
 from tritonize.kernels.gemv_chain import ChainWeights, layer_chain_fwd
 
@@ -171,3 +172,26 @@ def test_upper_bound_benchmark_kernel_on_cpu():
     script = Path(__file__).parents[1] / "benchmarks" / "gemv_chain.py"
     done = run_python(str(script), "--check-cpu", interpret=True)
     assert done.returncode == 0 and "interpreter check passed" in done.stdout, done.stderr
+
+
+def test_op_leaves_a_weight_too_large_for_the_gemv_to_the_four_ops(device, monkeypatch):
+    """Where the card sends a weight of the layer to the tensor-core path (gemv.MAX_WEIGHT_BYTES, as an H200
+    does an lm_head), the chain is not used: the four ops run, with their results."""
+    dtype = torch.float32
+    w = _weights(32, 48, 64, 40, dtype, device, biases=False)
+    attn, h = torch.randn(1, 32, device=device), torch.randn(1, 48, device=device)
+    monkeypatch.setitem(gemv.MAX_WEIGHT_BYTES, card_name(attn.device), w.next_weight.numel() * 4 - 1)
+
+    def chain_kernel(*args, **kwargs):
+        raise AssertionError("the chain kernel ran although the lm_head-sized weight is not the GEMV's")
+
+    monkeypatch.setattr(gemv_chain, "layer_chain_fwd", chain_kernel)
+    h_out, nxt = tritonize.ops.decoder_layer_chain(
+        attn, h, o_weight=w.o_weight, o_bias=None, mlp_norm_weight=w.mlp_norm_weight, mlp_eps=w.mlp_eps,
+        gate_up_weight=w.gate_up_weight, gate_up_bias=None, down_weight=w.down_weight, down_bias=None,
+        next_norm_weight=w.next_norm_weight, next_eps=w.next_eps, next_weight=w.next_weight, next_bias=None,
+        activation="silu", counter=torch.zeros(1, dtype=torch.int32, device=device),
+    )  # fmt: skip
+    ref_h, ref_next = _reference(attn, h, w, "silu", dtype)
+    assert_close(h_out, ref_h, dtype)
+    assert_close(nxt, ref_next, dtype)

@@ -911,7 +911,9 @@ def _decoder_layer_chain_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weights = gemv_chain.ChainWeights(o_weight, o_bias, mlp_norm_weight, mlp_eps, gate_up_weight, gate_up_bias,
                                       down_weight, down_bias, next_norm_weight, next_eps, next_weight, next_bias)
-    if _runs_triton(attn) and gemv_chain.supports(attn, weights) and h.is_contiguous():
+    # each weight where the unchained ops would stream it through the GEMV too (gemv.MAX_WEIGHT_BYTES)
+    preferred = all(gemv.preferred(h, weight) for weight in (o_weight, gate_up_weight, down_weight, next_weight))
+    if _runs_triton(attn) and gemv_chain.supports(attn, weights) and h.is_contiguous() and preferred:
         return gemv_chain.layer_chain_fwd(attn, h, weights, activation, counter)
     h_mid = _linear_op(attn, o_weight, o_bias, "none", h)
     act = _rms_norm_gated_mlp_op(h_mid, mlp_norm_weight, mlp_eps, gate_up_weight, gate_up_bias, activation)
@@ -942,7 +944,8 @@ def decoder_layer_chain(
     lm_head. attn: [M, attention width], h: [M, hidden], 2-D and contiguous. At most `gemv.GEMV_MAX_M` rows on
     CUDA: one persistent kernel (kernels/gemv_chain.py) whose phases are joined by grid barriers, with the same
     numerics as the four fused ops it replaces (`linear` with residual, `rms_norm_gated_mlp`, `linear` with
-    residual, `rms_norm_linear`), which run instead elsewhere. counter: an int32 [1] tensor holding 0, owned by
+    residual, `rms_norm_linear`), which run instead elsewhere, and where a weight is too large for the GEMV on
+    this card (`gemv.preferred`: on an H200, an lm_head above 64 MB). counter: an int32 [1] tensor holding 0, owned by
     the caller, used by one stream at a time (the kernel counts in it and leaves it 0).
     """
     _check_linear_args(attn, o_weight, o_bias, None, h)
