@@ -161,6 +161,8 @@ class DecoderEngine:
         # decode steps may chain each block's GEMVs in one persistent kernel (`chains_layers`; off unless
         # TRITONIZE_DECODE_LAYER_CHAIN=1, see settings.py); its grid barriers count in chain_counter
         self.chain_layers = decode_layer_chain_enabled()
+        self.chainable = (tp_size == 1 and not self.gpt2 and self.final_norm.rms
+                          and all(layer.gated and layer.attn_norm.rms and layer.mlp_norm.rms for layer in self.layers))
         self.chain_counter = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.weight_addresses = parameter_addresses(model)
         self.decode_graphs = DecodeGraphCache()  # the decode loops captured over this engine's buffers
@@ -371,8 +373,7 @@ class DecoderEngine:
         """Whether decode steps run through `_chained_layers`: `chain_layers` on, one GPU (no tensor
         parallelism), Llama-style blocks (RMSNorms, gated MLPs). (`ops.decoder_layer_chain` itself runs its
         four ops one by one where its kernel does not apply, e.g. above two rows.)"""
-        return (self.chain_layers and self.tp_size == 1 and not self.gpt2 and self.final_norm.rms
-                and all(layer.gated and layer.attn_norm.rms and layer.mlp_norm.rms for layer in self.layers))
+        return self.chain_layers and self.chainable
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = F.embedding(tokens, self.embed)

@@ -114,10 +114,11 @@ def _gemv_block(
     # columns past N wrap onto real weight rows: loads stay in bounds, their results are never stored
     w_rows = W_ptr + (offs_n % N).to(tl.int64)[:, None] * w_row_stride
     up_rows = w_rows + N * w_row_stride
-    next_rows = W_ptr + ((next_block * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)[:, None] * w_row_stride
-    next_up_rows = next_rows + N * w_row_stride
-    num_tiles = tl.cdiv(K, BLOCK_K)
-    next_ok = next_block * BLOCK_N < N
+    if STREAM:  # where the reads ahead continue past K: next_block's rows
+        next_rows = W_ptr + ((next_block * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)[:, None] * w_row_stride
+        next_up_rows = next_rows + N * w_row_stride
+        num_tiles = tl.cdiv(K, BLOCK_K)
+        next_ok = next_block * BLOCK_N < N
 
     # -- prologue: each row's inverse RMS over all of K (x is small and stays in L2) --
     if RMS_NORM:
