@@ -113,6 +113,8 @@ def test_decode_steps_chain_the_layers_of_llama_style_models(family, monkeypatch
     assert DecoderEngine(model).chain_layers
     engine.chain_layers = True
     assert engine.chains_layers() == (family != "gpt2")
+    monkeypatch.delenv("TRITONIZE_DECODE_LAYER_CHAIN")
+    assert engine.rebuilt().chain_layers  # set by hand, kept when the engine is rebuilt for new weights
     ids, mask = left_padded([5, 3], 5)
     engine.reserve(2, 8)
     new = torch.randint(3, VOCAB, (2,))

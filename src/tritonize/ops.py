@@ -911,9 +911,9 @@ def _decoder_layer_chain_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weights = gemv_chain.ChainWeights(o_weight, o_bias, mlp_norm_weight, mlp_eps, gate_up_weight, gate_up_bias,
                                       down_weight, down_bias, next_norm_weight, next_eps, next_weight, next_bias)
-    # each weight where the unchained ops would stream it through the GEMV too (gemv.MAX_WEIGHT_BYTES)
-    preferred = all(gemv.preferred(h, weight) for weight in (o_weight, gate_up_weight, down_weight, next_weight))
-    if _runs_triton(attn) and gemv_chain.supports(attn, weights) and h.is_contiguous() and preferred:
+    # last: each weight where the unchained ops would stream it through the GEMV too (gemv.MAX_WEIGHT_BYTES)
+    if (_runs_triton(attn) and gemv_chain.supports(attn, weights) and h.is_contiguous()
+            and all(gemv.preferred(h, w) for w in (o_weight, gate_up_weight, down_weight, next_weight))):
         return gemv_chain.layer_chain_fwd(attn, h, weights, activation, counter)
     h_mid = _linear_op(attn, o_weight, o_bias, "none", h)
     act = _rms_norm_gated_mlp_op(h_mid, mlp_norm_weight, mlp_eps, gate_up_weight, gate_up_bias, activation)

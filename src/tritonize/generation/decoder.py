@@ -269,10 +269,13 @@ class DecoderEngine:
         return parameter_addresses(self.model) == self.weight_addresses
 
     def rebuilt(self) -> DecoderEngine:
-        """A new engine over the model's current parameters, on this one's ranks, group and device."""
-        return DecoderEngine(self.model, tp_rank=self.tp_rank, tp_size=self.tp_size,
-                             process_group=self.process_group, device=self.requested_device,
-                             all_reduce=self.all_reduce)
+        """A new engine over the model's current parameters, on this one's ranks, group and device, chaining
+        layers if this one does (`chain_layers`, which may have been set by hand)."""
+        engine = DecoderEngine(self.model, tp_rank=self.tp_rank, tp_size=self.tp_size,
+                               process_group=self.process_group, device=self.requested_device,
+                               all_reduce=self.all_reduce)
+        engine.chain_layers = self.chain_layers
+        return engine
 
     # -- caches -------------------------------------------------------------------------------------
 
