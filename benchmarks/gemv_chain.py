@@ -37,7 +37,7 @@ import triton.language as tl
 
 from tritonize.kernels import gemv
 from tritonize.kernels.common import wait_previous_allow_next
-from tritonize.kernels.gemv_chain import _grid_barrier
+from tritonize.kernels.gemv_chain import _grid_arrive, _grid_wait
 
 # one layer of the 1.7 GB Llama-style config (hidden 2048, 32 heads / 8 kv heads of 64, intermediate 5632)
 # as (name, N, K): the qkv, output, gate+up (as one plain [2 x 5632, 2048] matrix) and down projections
@@ -97,10 +97,11 @@ def _gemv_chain_kernel(
                 w0, w1 = w1, w2
             tl.store(y_ptr + n, acc.to(DTYPE), mask=n < N)
         if p + 1 < last_phase:
+            _grid_arrive(counter_ptr)
             w_ptr, x_ptr, y_ptr, N, K = _phase(table_ptr, p + 1, DTYPE)
             w0 = _weight_tile(w_ptr, pid * BLOCK_N + offs_n, 0, offs_k, N, K, pid * BLOCK_N < N)
             w1 = _weight_tile(w_ptr, pid * BLOCK_N + offs_n, BLOCK_K, offs_k, N, K, pid * BLOCK_N < N)
-            _grid_barrier(counter_ptr, (p + 1 - first_phase) * programs)
+            _grid_wait(counter_ptr, (p + 1 - first_phase) * programs)
 
 
 TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}

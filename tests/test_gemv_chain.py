@@ -4,11 +4,12 @@ left at 0, bad input. Through the interpreter the grid is one program; on a GPU,
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, poisoned, run_python
+from helpers import assert_close, poisoned, run_python, sm90_ptx
 
 import tritonize.ops
 from tritonize.kernels import gemv, gemv_chain, reference
@@ -172,6 +173,26 @@ def test_upper_bound_benchmark_kernel_on_cpu():
     script = Path(__file__).parents[1] / "benchmarks" / "gemv_chain.py"
     done = run_python(str(script), "--check-cpu", interpret=True)
     assert done.returncode == 0 and "interpreter check passed" in done.stdout, done.stderr
+
+
+def test_grid_barriers_in_the_compiled_kernel():
+    """The chain compiled for sm_90 (no GPU needed): three barriers, each a CTA barrier then a release add with
+    no load before it in its basic block (the release waits for the counting thread's loads in flight), then
+    the next phase's first weight tiles loaded, then the acquire polls; the counter reset after the third."""
+    pointers = [name for name in gemv_chain._layer_chain_kernel.arg_names if name.endswith("_ptr")]
+    types = {**dict.fromkeys(pointers, "*bf16"), "Counter_ptr": "*i32", "eps_mlp": "fp32", "eps_next": "fp32"}
+    constexprs = dict(HAS_BIAS_O=False, HAS_BIAS_UP=False, HAS_BIAS_DOWN=False, HAS_BIAS_NEXT=False,
+                      ACTIVATION="silu", BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, PDL=True, STREAM=True)
+    ptx = sm90_ptx("tritonize.kernels.gemv_chain", "_layer_chain_kernel", types, constexprs)
+    body = ptx[ptx.index(".entry"):]
+    releases = [match.start() for match in re.finditer(r"atom\.global\.gpu\.release\.add", body)]
+    assert len(releases) == 3
+    for release in releases:
+        before_in_its_block = body[body.rindex("$L__BB", 0, release):release]
+        assert "bar.sync" in before_in_its_block and "ld.global" not in before_in_its_block
+        poll = body.index("ld.global.gpu.acquire", release)
+        assert re.search(r"ld\.global\.(?!gpu\.acquire)", body[release:poll])  # the tiles, in flight while waiting
+    assert re.search(r"atom\.global\.gpu\.relaxed\.exch", body[releases[-1]:])
 
 
 def test_op_leaves_a_weight_too_large_for_the_gemv_to_the_four_ops(device, monkeypatch):

@@ -4,9 +4,10 @@ At batch 1 or 2 a decoder layer's matrix work after attention is four GEMVs in a
 previous one's output: the output projection (+ residual), RMSNorm + gate/up (gated activation), the down
 projection (+ residual), then RMSNorm + the next layer's QKV projection (or the lm_head). As four launches,
 each pays a ramp-up and a tail while HBM idles. Here one grid of programs, all resident at once, runs the
-four as phases: program p computes row blocks p, p + G, ... of each matrix, then loads the first weight tiles
-of its first block of the next phase (weights never change) and waits at a grid barrier (an atomic counter)
-until every program has finished the phase, so every SM keeps weight reads in flight across the joins.
+four as phases: program p computes row blocks p, p + G, ... of each matrix, then counts itself in at a grid
+barrier (an atomic counter), loads the first weight tiles of its first block of the next phase (weights never
+change) and waits until every program has finished the phase, so every SM keeps weight reads in flight
+across the joins.
 
 The grid must be co-resident, or the barrier waits forever: `chain_programs` sizes it from the compiled
 kernel's registers and the GPU's SM count. Under the interpreter programs run one after another, so there
@@ -26,12 +27,20 @@ from tritonize.kernels.gemv import GEMV_MAX_M, GemvConfig, _first_tiles, _gemv_b
 
 
 @triton.jit
-def _grid_barrier(counter_ptr, target):
-    """Returns once the counter has reached target (every program of the grid has arrived); the writes any
-    program made before arriving are visible after it. One thread of each program counts (release) and polls
-    (acquire); the CTA barriers order the program's other threads around it."""
+def _grid_arrive(counter_ptr):
+    """Counts this program in at a grid barrier, once all its threads are here (a CTA barrier): one thread adds
+    1 with release semantics, so the program's writes so far are visible to any program that sees the count.
+    The release waits for that thread's memory operations in flight (on sm_90: MEMBAR.ALL.GPU), so arrive
+    before loading the next phase's weights, not after."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _grid_wait(counter_ptr, target):
+    """Returns once the counter has reached target (every program of the grid has arrived), with acquire
+    semantics: the writes programs made before arriving are visible after it. One thread polls; the CTA
+    barrier orders the program's other threads after it. Loads issued before the wait stay in flight."""
     arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     while arrived < target:
         arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
@@ -90,18 +99,21 @@ def _layer_chain_kernel(
     _phase(Attn_ptr, Wo_ptr, Bo_ptr, H_ptr, Hmid_ptr, Gmlp_ptr, M, D, A, eps_mlp, w0, w1, up0, up1,
            HAS_BIAS_O, "none", True, False, False, BLOCK_M, BLOCK_N, BLOCK_K, STREAM)  # fmt: skip
 
+    _grid_arrive(Counter_ptr)
     w0, w1, up0, up1 = _first_tiles(Wgu_ptr, pid, Inter, D, D, True, BLOCK_N, BLOCK_K)
-    _grid_barrier(Counter_ptr, programs)
+    _grid_wait(Counter_ptr, programs)
     _phase(Hmid_ptr, Wgu_ptr, Bgu_ptr, H_ptr, Act_ptr, Gmlp_ptr, M, Inter, D, eps_mlp, w0, w1, up0, up1,
            HAS_BIAS_UP, ACTIVATION, False, True, True, BLOCK_M, BLOCK_N, BLOCK_K, STREAM)  # fmt: skip
 
+    _grid_arrive(Counter_ptr)
     w0, w1, up0, up1 = _first_tiles(Wd_ptr, pid, D, Inter, Inter, False, BLOCK_N, BLOCK_K)
-    _grid_barrier(Counter_ptr, 2 * programs)
+    _grid_wait(Counter_ptr, 2 * programs)
     _phase(Act_ptr, Wd_ptr, Bd_ptr, Hmid_ptr, Hout_ptr, Gmlp_ptr, M, D, Inter, eps_mlp, w0, w1, up0, up1,
            HAS_BIAS_DOWN, "none", True, False, False, BLOCK_M, BLOCK_N, BLOCK_K, STREAM)  # fmt: skip
 
+    _grid_arrive(Counter_ptr)
     w0, w1, up0, up1 = _first_tiles(Wnext_ptr, pid, N_next, D, D, False, BLOCK_N, BLOCK_K)
-    _grid_barrier(Counter_ptr, 3 * programs)
+    _grid_wait(Counter_ptr, 3 * programs)
     if tl.atomic_add(Counter_ptr, 1, sem="relaxed", scope="gpu") == 4 * programs - 1:
         tl.atomic_xchg(Counter_ptr, 0, sem="relaxed", scope="gpu")
     _phase(Hout_ptr, Wnext_ptr, Bnext_ptr, H_ptr, Next_ptr, Gnext_ptr, M, N_next, D, eps_next, w0, w1, up0, up1,
