@@ -14,6 +14,9 @@ plain GEMVs (y_i = W_i x_i, x_i the first K_i values of y_(i-1)) runs
 - `persistent-per-layer`: the same kernel launched once a layer (4 phases), as it would sit between the
   attention kernels of a real decode step.
 
+First, the cost of one grid barrier alone (a kernel of nothing but 65 barriers against one of 1) among 1, 3
+and 6 programs per SM: what each phase join of a persistent decode kernel pays at least.
+
 Each is captured in a CUDA graph and its replay timed (`triton.testing.do_bench`, medians of interleaved
 rounds); outputs are compared with the launches'. Weight bytes / time = the stream's bandwidth, against a
 device-to-device copy of 1 GB measured in the same process.
@@ -104,6 +107,28 @@ def _gemv_chain_kernel(
             _grid_wait(counter_ptr, (p + 1 - first_phase) * programs)
 
 
+@triton.jit
+def _barriers_kernel(counter_ptr, rounds):
+    """`rounds` grid barriers and nothing else, as the chain's (the counter 0 at launch): their cost alone."""
+    programs = tl.num_programs(0)
+    for r in range(rounds):
+        _grid_arrive(counter_ptr)
+        _grid_wait(counter_ptr, (r + 1) * programs)
+
+
+def barrier_us(programs: int, device) -> float:
+    """Microseconds per grid barrier among `programs` co-resident programs of 4 warps: a launch of 65 barriers
+    minus a launch of 1, over 64 (both replayed in CUDA graphs, the counter zeroed in each)."""
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def run(rounds):
+        counter.zero_()
+        _barriers_kernel[(programs,)](counter, rounds, num_warps=4, launch_cooperative_grid=True)
+
+    one, many = capture(lambda: run(1)), capture(lambda: run(65))
+    return (do_bench_median(many.replay) - do_bench_median(one.replay)) * 1e3 / 64
+
+
 TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -173,6 +198,9 @@ def check_cpu() -> None:
         reference = reference[:, : w.shape[1]] @ w.double().T
         error = ((y.double() - reference).norm() / reference.norm()).item()
         assert error < 1e-6, error
+    counter = torch.zeros(1, dtype=torch.int32)
+    _barriers_kernel[(1,)](counter, 3)
+    assert counter.item() == 3, counter
     print("interpreter check passed")
 
 
@@ -199,6 +227,13 @@ def main() -> None:
 
     copy_tbs = copy_bandwidth(device)
     print(f"  copy of 1 GB: {copy_tbs:.2f} TB/s (read + write)")
+    barriers = {}
+    for per_sm in (1, 3, 6):
+        try:
+            barriers[sms * per_sm] = barrier_us(sms * per_sm, device)
+            print(f"  grid barrier among {sms * per_sm} programs: {barriers[sms * per_sm]:.2f} us")
+        except Exception as error:  # noqa: BLE001 - a grid that cannot launch is reported, not fatal
+            print(f"  grid barrier among {sms * per_sm} programs: {type(error).__name__}: {error}")
 
     chain.run_launches()
     torch.cuda.synchronize()
@@ -242,7 +277,8 @@ def main() -> None:
     out = Path(args.out) / f"gemv-chain-{card.lower().replace(' ', '-')}.json"
     out.write_text(json.dumps(dict(card=card, torch=torch.__version__, triton=triton.__version__,
                                    date=time.strftime("%Y-%m-%d %H:%M"), layers=args.layers,
-                                   weight_bytes=chain.weight_bytes, copy_tb_per_s=copy_tbs, results=results),
+                                   weight_bytes=chain.weight_bytes, copy_tb_per_s=copy_tbs, barrier_us=barriers,
+                                   results=results),
                               indent=1))
     print(f"wrote {out}")
 
