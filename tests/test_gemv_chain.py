@@ -216,3 +216,42 @@ def test_op_leaves_a_weight_too_large_for_the_gemv_to_the_four_ops(device, monke
     ref_h, ref_next = _reference(attn, h, w, "silu", dtype)
     assert_close(h_out, ref_h, dtype)
     assert_close(nxt, ref_next, dtype)
+
+
+def test_op_runs_the_four_ops_where_the_gpu_refuses_the_cooperative_launch(device, monkeypatch, caplog):
+    """A launch the driver refuses (Triton: "Triton Error [CUDA]: ...", e.g. a grid that cannot be resident at
+    once) is reported once and the four ops run, then and on later calls; any other error propagates."""
+    dtype = torch.float32
+    w = _weights(32, 48, 64, 40, dtype, device, biases=False)
+    attn, h = torch.randn(1, 32, device=device), torch.randn(1, 48, device=device)
+    monkeypatch.setattr(tritonize.ops, "_CHAIN_LAUNCH_REFUSED", set())
+    refusals = []
+
+    def refused(*args, **kwargs):
+        refusals.append(1)
+        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+
+    def chain():
+        return tritonize.ops.decoder_layer_chain(
+            attn, h, o_weight=w.o_weight, o_bias=None, mlp_norm_weight=w.mlp_norm_weight, mlp_eps=w.mlp_eps,
+            gate_up_weight=w.gate_up_weight, gate_up_bias=None, down_weight=w.down_weight, down_bias=None,
+            next_norm_weight=w.next_norm_weight, next_eps=w.next_eps, next_weight=w.next_weight, next_bias=None,
+            activation="silu", counter=torch.zeros(1, dtype=torch.int32, device=device),
+        )  # fmt: skip
+
+    monkeypatch.setattr(gemv_chain, "layer_chain_fwd", refused)
+    ref_h, ref_next = _reference(attn, h, w, "silu", dtype)
+    with caplog.at_level("WARNING", logger="tritonize"):
+        for _ in range(2):
+            h_out, nxt = chain()
+            assert_close(h_out, ref_h, dtype)
+            assert_close(nxt, ref_next, dtype)
+    assert len(refusals) == 1 and "refused the decode layer chain" in caplog.text
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tritonize.ops, "_CHAIN_LAUNCH_REFUSED", set())
+    monkeypatch.setattr(gemv_chain, "layer_chain_fwd", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        chain()

@@ -902,6 +902,10 @@ def rms_norm_gated_mlp(
     return _rms_norm_gated_mlp_op(x, norm_weight, float(eps), gate_up_weight, bias, activation)
 
 
+# devices whose driver refused the chain's cooperative launch (e.g. its grid not resident at once): the four ops
+_CHAIN_LAUNCH_REFUSED: set[torch.device] = set()
+
+
 @torch.library.custom_op("tritonize::decoder_layer_chain", mutates_args=("counter",))
 def _decoder_layer_chain_op(
     attn: torch.Tensor, h: torch.Tensor, o_weight: torch.Tensor, o_bias: torch.Tensor | None,
@@ -912,9 +916,18 @@ def _decoder_layer_chain_op(
     weights = gemv_chain.ChainWeights(o_weight, o_bias, mlp_norm_weight, mlp_eps, gate_up_weight, gate_up_bias,
                                       down_weight, down_bias, next_norm_weight, next_eps, next_weight, next_bias)
     # last: each weight where the unchained ops would stream it through the GEMV too (gemv.MAX_WEIGHT_BYTES)
-    if (_runs_triton(attn) and gemv_chain.supports(attn, weights) and h.is_contiguous()
+    if (_runs_triton(attn) and attn.device not in _CHAIN_LAUNCH_REFUSED and gemv_chain.supports(attn, weights)
+            and h.is_contiguous()
             and all(gemv.preferred(h, w) for w in (o_weight, gate_up_weight, down_weight, next_weight))):
-        return gemv_chain.layer_chain_fwd(attn, h, weights, activation, counter)
+        try:
+            return gemv_chain.layer_chain_fwd(attn, h, weights, activation, counter)
+        except RuntimeError as error:  # Triton's launcher reports a refused launch as "Triton Error [CUDA]: ..."
+            capturing = attn.is_cuda and torch.cuda.is_current_stream_capturing()  # a graph it left broken
+            if not str(error).startswith("Triton Error [CUDA]") or capturing:
+                raise
+            _CHAIN_LAUNCH_REFUSED.add(attn.device)
+            logger.warning("tritonize: the GPU refused the decode layer chain's cooperative launch on %s (%s); its "
+                           "layers run as four kernels from now on", attn.device, error)
     h_mid = _linear_op(attn, o_weight, o_bias, "none", h)
     act = _rms_norm_gated_mlp_op(h_mid, mlp_norm_weight, mlp_eps, gate_up_weight, gate_up_bias, activation)
     h_out = _linear_op(act, down_weight, down_bias, "none", h_mid)
