@@ -39,6 +39,16 @@ def _double(t):
     return None if t is None else t.double()
 
 
+def _chain_op(attn, h, w: ChainWeights, activation, counter):
+    """`tritonize.ops.decoder_layer_chain` on w's weights."""
+    return tritonize.ops.decoder_layer_chain(
+        attn, h, o_weight=w.o_weight, o_bias=w.o_bias, mlp_norm_weight=w.mlp_norm_weight, mlp_eps=w.mlp_eps,
+        gate_up_weight=w.gate_up_weight, gate_up_bias=w.gate_up_bias, down_weight=w.down_weight,
+        down_bias=w.down_bias, next_norm_weight=w.next_norm_weight, next_eps=w.next_eps,
+        next_weight=w.next_weight, next_bias=w.next_bias, activation=activation, counter=counter,
+    )  # fmt: skip
+
+
 def _reference(attn, h, w: ChainWeights, activation, dtype):
     """The four ops in fp64, each output rounded to dtype as the kernels store it."""
     h_mid = reference.linear(attn.double(), w.o_weight.double(), _double(w.o_bias), None, h.double()).to(dtype)
@@ -78,12 +88,7 @@ def test_op_runs_the_four_ops_elsewhere(device):
     w = _weights(32, 48, 64, 40, dtype, device, biases=True)
     attn, h = torch.randn(M, 32, device=device), torch.randn(M, 48, device=device)
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    h_out, nxt = tritonize.ops.decoder_layer_chain(
-        attn, h, o_weight=w.o_weight, o_bias=w.o_bias, mlp_norm_weight=w.mlp_norm_weight, mlp_eps=w.mlp_eps,
-        gate_up_weight=w.gate_up_weight, gate_up_bias=w.gate_up_bias, down_weight=w.down_weight,
-        down_bias=w.down_bias, next_norm_weight=w.next_norm_weight, next_eps=w.next_eps,
-        next_weight=w.next_weight, next_bias=w.next_bias, activation="gelu_tanh", counter=counter,
-    )  # fmt: skip
+    h_out, nxt = _chain_op(attn, h, w, "gelu_tanh", counter)
     ref_h, ref_next = _reference(attn, h, w, "gelu_tanh", dtype)
     assert_close(h_out, ref_h, dtype)
     assert_close(nxt, ref_next, dtype)
@@ -104,12 +109,7 @@ def test_bad_input_is_named(device):
         layer_chain_fwd(torch.randn(GEMV_MAX_M + 1, 32, device=device), torch.randn(GEMV_MAX_M + 1, 48,
                         device=device), w, "silu", counter)  # fmt: skip
     with pytest.raises(ValueError, match="counter must be one int32"):
-        tritonize.ops.decoder_layer_chain(
-            attn, h, o_weight=w.o_weight, o_bias=None, mlp_norm_weight=w.mlp_norm_weight, mlp_eps=1e-6,
-            gate_up_weight=w.gate_up_weight, gate_up_bias=None, down_weight=w.down_weight, down_bias=None,
-            next_norm_weight=w.next_norm_weight, next_eps=1e-6, next_weight=w.next_weight, next_bias=None,
-            activation="silu", counter=torch.zeros(2, dtype=torch.int32, device=device),
-        )  # fmt: skip
+        _chain_op(attn, h, w, "silu", torch.zeros(2, dtype=torch.int32, device=device))
 
 
 def _four_ops(attn, h, w: ChainWeights, activation):
@@ -207,12 +207,7 @@ def test_op_leaves_a_weight_too_large_for_the_gemv_to_the_four_ops(device, monke
         raise AssertionError("the chain kernel ran although the lm_head-sized weight is not the GEMV's")
 
     monkeypatch.setattr(gemv_chain, "layer_chain_fwd", chain_kernel)
-    h_out, nxt = tritonize.ops.decoder_layer_chain(
-        attn, h, o_weight=w.o_weight, o_bias=None, mlp_norm_weight=w.mlp_norm_weight, mlp_eps=w.mlp_eps,
-        gate_up_weight=w.gate_up_weight, gate_up_bias=None, down_weight=w.down_weight, down_bias=None,
-        next_norm_weight=w.next_norm_weight, next_eps=w.next_eps, next_weight=w.next_weight, next_bias=None,
-        activation="silu", counter=torch.zeros(1, dtype=torch.int32, device=device),
-    )  # fmt: skip
+    h_out, nxt = _chain_op(attn, h, w, "silu", torch.zeros(1, dtype=torch.int32, device=device))
     ref_h, ref_next = _reference(attn, h, w, "silu", dtype)
     assert_close(h_out, ref_h, dtype)
     assert_close(nxt, ref_next, dtype)
@@ -232,12 +227,7 @@ def test_op_runs_the_four_ops_where_the_gpu_refuses_the_cooperative_launch(devic
         raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
 
     def chain():
-        return tritonize.ops.decoder_layer_chain(
-            attn, h, o_weight=w.o_weight, o_bias=None, mlp_norm_weight=w.mlp_norm_weight, mlp_eps=w.mlp_eps,
-            gate_up_weight=w.gate_up_weight, gate_up_bias=None, down_weight=w.down_weight, down_bias=None,
-            next_norm_weight=w.next_norm_weight, next_eps=w.next_eps, next_weight=w.next_weight, next_bias=None,
-            activation="silu", counter=torch.zeros(1, dtype=torch.int32, device=device),
-        )  # fmt: skip
+        return _chain_op(attn, h, w, "silu", torch.zeros(1, dtype=torch.int32, device=device))
 
     monkeypatch.setattr(gemv_chain, "layer_chain_fwd", refused)
     ref_h, ref_next = _reference(attn, h, w, "silu", dtype)
