@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import triton
-from ab_decode_gemv import PROMPT_LEN, decode_rate, fixed_position_step
+from ab_decode_gemv import PROMPT_LEN, decode_rate, fixed_position_step, print_step_table
 from tp_generate import CONFIGS, random_llama
 from triton.testing import do_bench
 
@@ -97,15 +97,7 @@ def main() -> None:
             os.environ[DECODE_LAYER_CHAIN_ENV] = chain  # decode_rate builds a new engine, which reads it
             results[name]["decode_tokens_per_s"] = decode_rate(model, ids)
     os.environ.pop(DECODE_LAYER_CHAIN_ENV)
-    base = results["unchained"]["step_us_median"]
-    print("| variant | step replay us (median of rounds) | rounds | vs unchained | logits rel. diff "
-          "| decode tokens/s |")
-    print("|---|---|---|---|---|---|")
-    for name, r in results.items():
-        rate = r.get("decode_tokens_per_s")
-        print(f"| {name} | {r['step_us_median']:.1f} | {', '.join(f'{t:.1f}' for t in r['step_us'])} | "
-              f"{base / r['step_us_median']:.3f}x | {r['logits_relative_difference']:.2g} | "
-              f"{'-' if rate is None else f'{rate:.0f}'} |")
+    print_step_table(results, "unchained")
     out = Path(args.out) / f"ab-decode-chain-{args.config}-b{args.batch}-{card.lower().replace(' ', '-')}.json"
     out.write_text(json.dumps(dict(card=card, torch=torch.__version__, triton=triton.__version__,
                                    date=time.strftime("%Y-%m-%d"), config=args.config, batch=args.batch,

@@ -175,18 +175,26 @@ def main() -> None:
     for name in [first] + [name for _, name in fastest[:args.generate]]:
         use(name)
         results[name]["decode_tokens_per_s"] = decode_rate(model, ids)
-    print("| variant | step replay us (median of rounds) | rounds | vs first | logits rel. diff | decode tokens/s |")
-    print("|---|---|---|---|---|---|")
-    for r in results.values():
-        rate = r.get("decode_tokens_per_s")
-        print(f"| {r['settings']} | {r['step_us_median']:.1f} | {', '.join(f'{t:.1f}' for t in r['step_us'])} | "
-              f"{results[first]['step_us_median'] / r['step_us_median']:.3f}x | {r['logits_relative_difference']:.2g} "
-              f"| {'-' if rate is None else f'{rate:.0f}'} |")
+    print_step_table({r["settings"]: r for r in results.values()}, results[first]["settings"])
     out = Path(args.out) / f"ab-decode-gemv-{args.config}-b{args.batch}-{card.lower().replace(' ', '-')}.json"
     out.write_text(json.dumps(dict(card=card, torch=torch.__version__, triton=triton.__version__,
                                    date=time.strftime("%Y-%m-%d"), config=args.config, batch=args.batch,
                                    prompt_len=PROMPT_LEN, results=results), indent=1))
     print(f"wrote {out}")
+
+
+def print_step_table(results: dict[str, dict], baseline: str) -> None:
+    """The A/B table of `results` by variant: the step replay's median and rounds (us), its speed-up over
+    `baseline`'s, the logits' difference and the decode rate where measured."""
+    base = results[baseline]["step_us_median"]
+    print(f"| variant | step replay us (median of rounds) | rounds | vs {baseline} | logits rel. diff "
+          "| decode tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        rate = r.get("decode_tokens_per_s")
+        print(f"| {name} | {r['step_us_median']:.1f} | {', '.join(f'{t:.1f}' for t in r['step_us'])} | "
+              f"{base / r['step_us_median']:.3f}x | {r['logits_relative_difference']:.2g} | "
+              f"{'-' if rate is None else f'{rate:.0f}'} |")
 
 
 if __name__ == "__main__":

@@ -958,8 +958,9 @@ def decoder_layer_chain(
     CUDA: one persistent kernel (kernels/gemv_chain.py) whose phases are joined by grid barriers, with the same
     numerics as the four fused ops it replaces (`linear` with residual, `rms_norm_gated_mlp`, `linear` with
     residual, `rms_norm_linear`), which run instead elsewhere, and where a weight is too large for the GEMV on
-    this card (`gemv.preferred`: on an H200, an lm_head above 64 MB). counter: an int32 [1] tensor holding 0, owned by
-    the caller, used by one stream at a time (the kernel counts in it and leaves it 0).
+    this card (`gemv.preferred`: on an H200, an lm_head above 64 MB), and on a device whose driver refused the
+    kernel's cooperative launch (logged once). counter: an int32 [1] tensor holding 0, owned by the caller, used
+    by one stream at a time (the kernel counts in it and leaves it 0).
     """
     _check_linear_args(attn, o_weight, o_bias, None, h)
     _check_norm_args(h, None, mlp_eps, norm_weight=mlp_norm_weight)
